@@ -106,13 +106,8 @@ def schedule_from_betas(betas: np.ndarray, name: str = "custom") -> Schedule:
     return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in arrays.items()}, name=name)
 
 
-def get_schedule(name: str, num_timesteps: int) -> Schedule:
-    """Returns the named VP schedule with `num_timesteps` steps.
-
-    Args:
-      name: 'linear' (DDPM, Ho et al. 2020, Eq. 4 settings) or 'cosine' (Nichol & Dhariwal 2021, Eq. 17).
-      num_timesteps: T ≥ 1.
-    """
+def betas64(name: str, num_timesteps: int) -> np.ndarray:
+    """The float64 β of the named schedule (validated as in `get_schedule`)."""
     if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be an integer ≥ 1, got {num_timesteps!r}.")
     if name == "linear":
@@ -121,10 +116,35 @@ def get_schedule(name: str, num_timesteps: int) -> Schedule:
                 f"num_timesteps={num_timesteps} is too small for the linear schedule: β_T = "
                 "0.02·1000/T must stay below 1, so num_timesteps must be ≥ 21."
             )
-        return schedule_from_betas(linear_betas(num_timesteps), name)
+        return linear_betas(num_timesteps)
     if name == "cosine":
-        return schedule_from_betas(cosine_betas(num_timesteps), name)
+        return cosine_betas(num_timesteps)
     raise ValueError(f"schedule name {name!r} is unknown; valid names: {', '.join(SCHEDULES)}.")
+
+
+def get_schedule(name: str, num_timesteps: int) -> Schedule:
+    """Returns the named VP schedule with `num_timesteps` steps.
+
+    Args:
+      name: 'linear' (DDPM, Ho et al. 2020, Eq. 4 settings) or 'cosine' (Nichol & Dhariwal 2021, Eq. 17).
+      num_timesteps: T ≥ 1.
+    """
+    return schedule_from_betas(betas64(name, num_timesteps), name)
+
+
+def respaced(name: str, num_timesteps: int, use_timesteps) -> Schedule:
+    """The schedule restricted to the sorted timesteps `use_timesteps` (improved-DDPM §4).
+
+    Keeps ᾱ at the kept steps and sets β_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}}, all in float64.
+    """
+    keep = np.asarray(sorted(set(int(k) for k in use_timesteps)))
+    if keep.size == 0 or keep[0] < 0 or keep[-1] >= num_timesteps:
+        raise ValueError(
+            f"use_timesteps must be a non-empty subset of [0, {num_timesteps}), got {use_timesteps}."
+        )
+    ac = np.cumprod(1.0 - betas64(name, num_timesteps))[keep]
+    betas = 1.0 - ac / np.append(1.0, ac[:-1])
+    return schedule_from_betas(betas, f"{name}-respaced{keep.size}")
 
 
 def edm_sigmas(
