@@ -11,3 +11,10 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_threefry_partitionable", True)
+
+# Trainers in different tests compile identical programs; a per-session persistent cache
+# compiles each once (the CPU compile of a U-Net step takes tens of seconds).
+import tempfile  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="ddpm_bs_jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -1,0 +1,126 @@
+"""Every configuration field, documented once. Other configs start from this one and override.
+
+The defaults are the paper's CIFAR-10 ADM baseline (uniform timesteps), reading the built-in
+digits data so that the file runs anywhere; `cifar10_adm.py` and `cifar10_adm_bs.py` point it
+at CIFAR-10.
+
+    ddpm-bs --config=configs/default.py --workdir=runs/default
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = (
+        0  # Root seed: init, data order, timesteps, noise, dropout and sampling derive from it.
+    )
+
+    # --- Data -------------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "digits"  # 'digits' (built in), 'folder' (images), or a tfds name ('cifar10', …).
+    c.data.data_dir = config_dict.placeholder(str)  # tfds data_dir with the prepared dataset.
+    c.data.folder = config_dict.placeholder(str)  # Image folder for name='folder' (PNG/JPEG).
+    c.data.split = "train"  # tfds split.
+    c.data.image_size = 32  # Side of the square training images, pixels.
+    c.data.channels = 3  # Image channels (digits are grayscale and repeated to 3 when 3).
+    c.data.random_flip = True  # Random horizontal flips (decided by seed, epoch and index).
+    c.data.class_conditional = False  # Feed labels to the model (needs model.num_classes).
+
+    # --- Model: the ADM U-Net (guided-diffusion's UNetModel) --------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.model_channels = 128  # Base channel count.
+    c.model.channel_mult = (1, 2, 2, 2)  # Channel multiplier per resolution level.
+    c.model.num_res_blocks = 3  # Residual blocks per level.
+    c.model.attention_resolutions = (16, 8)  # Resolutions (pixels) with self-attention.
+    c.model.num_heads = 4  # Attention heads (ignored when num_head_channels > 0).
+    c.model.num_head_channels = -1  # Channels per head; −1 to use num_heads.
+    c.model.dropout = 0.3  # Dropout rate in the residual blocks.
+    c.model.use_scale_shift_norm = True  # AdaGN: the timestep embedding scales and shifts.
+    c.model.resblock_updown = True  # Residual blocks for down/upsampling.
+    c.model.learn_sigma = True  # Output 2C channels and train variances with the hybrid loss.
+    c.model.num_classes = 0  # Classes for class-conditional models; 0 for unconditional.
+    c.model.dtype = "float32"  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
+
+    # --- Diffusion --------------------------------------------------------------------------
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.schedule = "cosine"  # 'linear' or 'cosine'.
+    c.diffusion.num_timesteps = 1000  # T.
+
+    # --- Timestep sampler (ddpm_bs.timesteps) -----------------------------------------------
+    c.timesteps = ml_collections.ConfigDict()
+    c.timesteps.sampler = "uniform"  # 'uniform', 'bernoulli', 'piecewise', 'beta', 'lognormal',
+    #                                  'logit_normal' or 'loss_aware'.
+    c.timesteps.t_delta = 800  # bernoulli: end of the significant interval, 1-based, in [1, T].
+    c.timesteps.p = 0.8  # bernoulli: probability of drawing from the significant interval.
+    c.timesteps.boundaries = (800,)  # piecewise: interior 1-based boundaries.
+    c.timesteps.masses = (0.8, 0.2)  # piecewise: mass of each interval.
+    c.timesteps.beta_a = 1.0  # beta: shape a.
+    c.timesteps.beta_b = 1.0  # beta: shape b.
+    c.timesteps.p_mean = -1.2  # lognormal: mean of ln σ (EDM).
+    c.timesteps.p_std = 1.2  # lognormal: std of ln σ (EDM).
+    c.timesteps.logit_mean = 0.0  # logit_normal: mean of logit(t/T) (SD3).
+    c.timesteps.logit_std = 1.0  # logit_normal: std of logit(t/T) (SD3).
+    c.timesteps.history = 10  # loss_aware: losses remembered per timestep.
+    c.timesteps.uniform_prob = 0.001  # loss_aware: mass kept uniform.
+    c.timesteps.importance_weighting = False  # Reweight by 1/(T·p(t)) for an unbiased objective.
+
+    # --- Loss (ddpm_bs.losses) --------------------------------------------------------------
+    c.loss = ml_collections.ConfigDict()
+    c.loss.target = "eps"  # Model parameterisation: 'eps', 'x0' or 'v'.
+    c.loss.weighting = "none"  # 'none', 'p2', 'min_snr' or 'debias'.
+    c.loss.p2_k = 1.0  # P2's k.
+    c.loss.p2_gamma = 1.0  # P2's γ.
+    c.loss.min_snr_gamma = 5.0  # Min-SNR's γ.
+    c.loss.max_weight = config_dict.placeholder(float)  # Optional cap on per-example weights.
+
+    # --- Optimiser (optax AdamW) ------------------------------------------------------------
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4  # Peak learning rate (ADM: 1e-4 on CIFAR-10 at batch 128).
+    c.optim.warmup_steps = 0  # Linear warm-up steps from 0 to lr.
+    c.optim.weight_decay = 0.0  # Decoupled weight decay.
+    c.optim.b1 = 0.9  # Adam β1.
+    c.optim.b2 = 0.999  # Adam β2.
+    c.optim.eps = 1e-8  # Adam ε.
+    c.optim.grad_clip = 1.0  # Global-norm gradient clipping; 0 disables.
+
+    # --- Training loop ----------------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 128  # Global batch size, over all devices and processes.
+    c.train.grad_accum_steps = 1  # Micro-batches per step (the batch is split, gradients summed).
+    c.train.num_steps = 500_000  # Training steps.
+    c.train.ema_rates = (0.9999,)  # EMA decay rates; the first one is used for samples.
+    c.train.log_every = 100  # Steps between metric writes.
+    c.train.checkpoint_every = 10_000  # Steps between checkpoints (and at the end).
+    c.train.keep_checkpoints = 3  # Checkpoints kept in the workdir.
+    c.train.sample_every = 10_000  # Steps between sample grids (0 disables; also at the end).
+    c.train.num_samples = 64  # Images in each sample grid.
+    c.train.sample_steps = 100  # DDIM steps for the sample grids.
+
+    # --- Device mesh ------------------------------------------------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # Devices on the data axis; −1 for all.
+
+    return c
+
+
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks any config to something a CPU runs in seconds (for tests and dry runs)."""
+    config = config.copy_and_resolve_references()
+    config.data.image_size = 8
+    config.model.model_channels = 32
+    config.model.channel_mult = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.attention_resolutions = (4,)
+    config.model.num_heads = 1
+    config.model.num_head_channels = -1
+    config.model.dropout = 0.0
+    config.train.batch_size = 8
+    config.train.num_steps = 4
+    config.train.log_every = 2
+    config.train.checkpoint_every = 2
+    config.train.sample_every = 0
+    config.train.num_samples = 4
+    config.train.sample_steps = 4
+    return config

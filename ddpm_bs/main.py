@@ -1,0 +1,59 @@
+"""Command line: `ddpm-bs --config=configs/digits.py --workdir=runs/digits --mode=train`.
+
+Overrides: `--config.train.num_steps=1000`, `--config.timesteps.sampler=bernoulli`, …
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+MODES = ("train",)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples.")
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    import jax
+
+    if int(os.environ.get("JAX_PROCESS_COUNT", os.environ.get("SLURM_NTASKS", "1"))) > 1:
+        jax.distributed.initialize()  # Reads the cluster from the environment (SLURM, TPU, …).
+    from ddpm_bs import train
+
+    logging.info(
+        "JAX devices: %s (process %d of %d)",
+        jax.devices(),
+        jax.process_index(),
+        jax.process_count(),
+    )
+    if _MODE.value == "train":
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def _put_config_root_on_path(argv):
+    """Config files import their siblings as `configs.x`: make the folder holding configs/ importable."""
+    for i, arg in enumerate(argv):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        if path:
+            root = os.path.dirname(os.path.dirname(os.path.abspath(path.split(":", 1)[0])))
+            if root not in sys.path:
+                sys.path.insert(0, root)
+
+
+def run():
+    _put_config_root_on_path(sys.argv)
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

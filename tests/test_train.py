@@ -1,0 +1,156 @@
+"""The training system on CPU: sharding equivalence, learning, resume, configs and bad input."""
+
+import glob
+import importlib
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from configs import default
+from ddpm_bs import data, train
+from ddpm_bs.models import unet
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _tiny(**overrides):
+    c = default.smoke(importlib.import_module("configs.digits").get_config())
+    for dotted, value in overrides.items():
+        section, field = dotted.split("__")
+        c[section][field] = value
+    return c
+
+
+def _batch(trainer, config, step=0):
+    loader = data.build(
+        data.DataSpec.from_config(config.data),
+        seed=config.seed,
+        global_batch_size=config.train.batch_size,
+    )
+    host = loader.batch_at(step)
+    return jax.device_put(host, trainer.batch_sharding)
+
+
+def test_one_step_on_8_devices_equals_one_device():
+    config = _tiny(train__batch_size=16, model__dropout=0.1)
+    results = []
+    for n in (1, 8):
+        trainer = train.Trainer(config, mesh=Mesh(np.asarray(jax.devices()[:n]), ("data",)))
+        state = trainer.init()
+        state, metrics = trainer.step(state, _batch(trainer, config), trainer.train_key)
+        results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    (p1, m1), (p8, m8) = results
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p8)
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+    base = _tiny(train__batch_size=16)
+    accum = _tiny(train__batch_size=16, train__grad_accum_steps=4)
+    out = []
+    for config in (base, accum):
+        trainer = train.Trainer(config, mesh=Mesh(np.asarray(jax.devices()[:2]), ("data",)))
+        state, metrics = trainer.step(trainer.init(), _batch(trainer, config), trainer.train_key)
+        out.append((jax.device_get(state.params), jax.device_get(metrics)))
+    np.testing.assert_allclose(out[0][1]["loss"], out[1][1]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(out[0][1]["loss_q2"], out[1][1]["loss_q2"], rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out[0][0], out[1][0]
+    )
+
+
+def test_loss_falls_on_digits():
+    config = _tiny(train__batch_size=32, optim__lr=2e-3, optim__warmup_steps=0)
+    trainer = train.Trainer(config, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    loader = data.build(data.DataSpec.from_config(config.data), seed=0, global_batch_size=32)
+    state = trainer.init()
+    losses = []
+    for step in range(200):
+        batch = jax.device_put(loader.batch_at(step), trainer.batch_sharding)
+        state, metrics = trainer.step(state, batch, trainer.train_key)
+        losses.append(metrics["mse"])
+    losses = np.asarray(jax.device_get(losses))
+    first, last = losses[:20].mean(), losses[-20:].mean()
+    assert last < 0.6 * first, (first, last)
+
+
+def _run(workdir, num_steps, **overrides):
+    config = _tiny(
+        train__num_steps=num_steps, train__checkpoint_every=2, model__dropout=0.1, **overrides
+    )
+    return train.train_and_evaluate(config, str(workdir))
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    straight = _run(tmp_path / "a", 6)
+    _run(tmp_path / "b", 2)
+    _run(tmp_path / "b", 4)  # resumes from step 2
+    resumed = _run(tmp_path / "b", 6)  # resumes from step 4
+    assert int(resumed.step) == int(straight.step) == 6
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    steps = sorted(
+        int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "b" / "checkpoints" / "*"))
+    )
+    assert steps == [2, 4, 6]  # keep_checkpoints=3
+
+
+def test_checkpoint_of_another_model_is_refused_and_left_alone(tmp_path):
+    _run(tmp_path, 2)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match="written for another model.*Use a new --workdir"):
+        _run(tmp_path, 4, model__model_channels=64)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_batch_not_divisible_by_devices_is_refused():
+    with pytest.raises(ValueError, match="train.batch_size=12 must be divisible by the 8 devices"):
+        train.Trainer(_tiny(train__batch_size=12))
+
+
+def test_unreachable_attention_resolution_is_refused():
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        train.build_model(_tiny(model__attention_resolutions=(3,)))
+
+
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_builds_its_model(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    model = train.build_model(config)
+    train.build_sampler(config)
+    train.build_loss(config)
+    params = unet.abstract_params(model)
+    assert unet.parameter_count(params) > 0
+    if name.startswith("cifar10"):
+        assert abs(unet.parameter_count(params) - 57.09e6) / 57.09e6 < 1e-3
+
+
+def test_cifar10_adm_bs_is_the_paper_setting():
+    c = importlib.import_module("configs.cifar10_adm_bs").get_config()
+    assert (c.timesteps.sampler, c.timesteps.t_delta, c.timesteps.p) == ("bernoulli", 800, 0.8)
+    assert c.diffusion.num_timesteps == 1000 and c.diffusion.schedule == "cosine"
+
+
+def test_command_line_trains_and_writes_a_checkpoint_and_samples(tmp_path):
+    cmd = [
+        sys.executable, "-m", "ddpm_bs.main", "--config=configs/digits.py", f"--workdir={tmp_path}",
+        "--config.data.image_size=8", "--config.model.attention_resolutions=(4,)",
+        "--config.train.num_steps=3", "--config.train.batch_size=8",
+        "--config.train.sample_every=3", "--config.train.num_samples=4", "--config.train.sample_steps=3",
+    ]  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "3").is_dir()
+    assert (tmp_path / "samples" / "step_00000003.png").is_file()
+    assert (tmp_path / "config.json").is_file()
