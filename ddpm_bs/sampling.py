@@ -90,13 +90,8 @@ def ddim_sample(
     """
     sp = respace(schedule_name, num_timesteps, steps)
     s = sp.schedule
-    tmap = jnp.asarray(sp.timestep_map)
-    init_key, loop_key = jax.random.split(key)
-    x = jax.random.normal(init_key, shape, jnp.float32)
 
-    def step(x, i):
-        t = jnp.full((shape[0],), i, jnp.int32)
-        out = model_fn(x, tmap[t]).astype(jnp.float32)
+    def step(x, i, t, out, noise):
         if learn_sigma:
             out, _ = diffusion.split_learned_sigma(out, shape[-1])
         x0, eps = diffusion.x0_and_eps_from_output(target, s, x, t, out)
@@ -106,13 +101,10 @@ def ddim_sample(
         ac = s.alphas_cumprod[i]
         ac_prev = s.alphas_cumprod_prev[i]
         sigma = eta * jnp.sqrt((1 - ac_prev) / (1 - ac)) * jnp.sqrt(1 - ac / ac_prev)
-        noise = jax.random.normal(jax.random.fold_in(loop_key, i), shape, jnp.float32)
         mean = jnp.sqrt(ac_prev) * x0 + jnp.sqrt(jnp.maximum(1 - ac_prev - sigma**2, 0.0)) * eps
-        x = mean + jnp.where(i > 0, sigma, 0.0) * noise
-        return x, None
+        return mean + jnp.where(i > 0, sigma, 0.0) * noise
 
-    x, _ = jax.lax.scan(step, x, jnp.arange(s.num_timesteps - 1, -1, -1))
-    return x
+    return _reverse_scan(model_fn, sp, shape, key, step)
 
 
 def ddpm_sample(
@@ -131,13 +123,8 @@ def ddpm_sample(
     """Ancestral sampling from p(x_{t−1}|x_t) (DDPM Algorithm 2), optionally respaced."""
     sp = respace(schedule_name, num_timesteps, steps or num_timesteps)
     s = sp.schedule
-    tmap = jnp.asarray(sp.timestep_map)
-    init_key, loop_key = jax.random.split(key)
-    x = jax.random.normal(init_key, shape, jnp.float32)
 
-    def step(x, i):
-        t = jnp.full((shape[0],), i, jnp.int32)
-        out = model_fn(x, tmap[t]).astype(jnp.float32)
+    def step(x, i, t, out, noise):
         p = diffusion.p_mean_variance(
             s,
             out,
@@ -148,11 +135,28 @@ def ddpm_sample(
             fixed_variance=fixed_variance,
             clip_denoised=clip_denoised,
         )
-        noise = jax.random.normal(jax.random.fold_in(loop_key, i), shape, jnp.float32)
-        x = p["mean"] + jnp.where(i > 0, jnp.exp(0.5 * p["log_variance"]), 0.0) * noise
-        return x, None
+        return p["mean"] + jnp.where(i > 0, jnp.exp(0.5 * p["log_variance"]), 0.0) * noise
 
-    x, _ = jax.lax.scan(step, x, jnp.arange(s.num_timesteps - 1, -1, -1))
+    return _reverse_scan(model_fn, sp, shape, key, step)
+
+
+def _reverse_scan(model_fn: ModelFn, sp: Respacing, shape, key, step) -> jax.Array:
+    """Runs `step(x, i, t, model_output, noise) -> x` from x ~ N(0, I) down the respaced grid.
+
+    i counts down from N−1 to 0 (the respaced index, t = [i]*B); the model sees the original
+    timestep; the noise of step i is drawn from fold_in(key, i), so draws do not depend on N.
+    """
+    tmap = jnp.asarray(sp.timestep_map)
+    init_key, loop_key = jax.random.split(key)
+    x = jax.random.normal(init_key, shape, jnp.float32)
+
+    def body(x, i):
+        t = jnp.full((shape[0],), i, jnp.int32)
+        out = model_fn(x, tmap[t]).astype(jnp.float32)
+        noise = jax.random.normal(jax.random.fold_in(loop_key, i), shape, jnp.float32)
+        return step(x, i, t, out, noise), None
+
+    x, _ = jax.lax.scan(body, x, jnp.arange(sp.schedule.num_timesteps - 1, -1, -1))
     return x
 
 
