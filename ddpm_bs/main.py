@@ -5,6 +5,7 @@ Overrides: `--config.train.num_steps=1000`, `--config.timesteps.sampler=bernoull
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 
@@ -18,12 +19,32 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, log
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 
 
+def _launched_multiprocess(env) -> bool:
+    """Whether this process is one of several (then `jax.distributed.initialize()` must run)."""
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    counts = (
+        env.get(k, "1") for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES")
+    )
+    if any(int(c) > 1 for c in counts if c.isdigit()):
+        return True
+    return "," in env.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host TPU slice
+
+
+class _QuietOrbax:
+    """Drops orbax's INFO chatter (a dozen lines per save); its warnings and errors still show."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_QuietOrbax())
     import jax
 
-    if int(os.environ.get("JAX_PROCESS_COUNT", os.environ.get("SLURM_NTASKS", "1"))) > 1:
+    if _launched_multiprocess(os.environ):
         jax.distributed.initialize()  # Reads the cluster from the environment (SLURM, TPU, …).
     from ddpm_bs import train
 
@@ -33,8 +54,11 @@ def main(argv):
         jax.process_index(),
         jax.process_count(),
     )
-    if _MODE.value == "train":
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        if _MODE.value == "train":
+            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except train.SetupError as e:
+        sys.exit(f"ddpm-bs: {e}")  # One line, no traceback: the message names what to fix.
 
 
 def _put_config_root_on_path(argv):

@@ -370,32 +370,44 @@ def _sample_fn(model, config, num, image_shape):
     return _cached_sample_fn(model, fields, num, image_shape)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint when there is one."""
-    from clu import (
-        metric_writers,
-        periodic_actions,
-    )  # Imports TensorFlow: keep it off library paths.
+class SetupError(ValueError):
+    """A problem with the config, the data or the workdir, found before any training step."""
 
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint when there is one.
+
+    Raises:
+      SetupError: the config, data or workdir cannot be used; raised before training, with
+        nothing in the workdir changed.
+    """
     jax.config.update("jax_threefry_partitionable", True)
-    os.makedirs(workdir, exist_ok=True)
-    trainer = Trainer(config)
-    loader = data.build(
-        data.DataSpec.from_config(config.data),
-        seed=config.seed,
-        global_batch_size=config.train.batch_size,
-        sharding=trainer.batch_sharding,
-    )
-    ckpt = checkpointing.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+    try:
+        trainer = Trainer(config)
+        loader = data.build(
+            data.DataSpec.from_config(config.data),
+            seed=config.seed,
+            global_batch_size=config.train.batch_size,
+            sharding=trainer.batch_sharding,
+        )
+        os.makedirs(workdir, exist_ok=True)
+        ckpt = checkpointing.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+        if ckpt.latest_step() is not None:
+            state, data_state = ckpt.restore(trainer.abstract_state)
+            loader.set_state(data_state)
+            logging.info("Resuming at step %d.", int(state.step))
+        else:
+            state = None
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        raise SetupError(str(e)) from e
+
+    # clu imports TensorFlow (seconds on a small CPU): only once the run is known to be good.
+    from clu import metric_writers, periodic_actions
+
     is_main = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
     _save_config(config, workdir)
-
-    if ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(trainer.abstract_state)
-        loader.set_state(data_state)
-        logging.info("Resuming at step %d.", int(state.step))
-    else:
+    if state is None:
         state = trainer.init()
         writer.write_hparams(_flat_hparams(config))
     start = int(state.step)
@@ -428,7 +440,8 @@ def _write_samples(trainer, state, step, workdir, writer, is_main):
     images = trainer.sample(state.ema_params[0], trainer.config.train.num_samples)
     if not is_main:
         return
-    grid = sampling.image_grid(images)
+    factor = max(1, 32 // images.shape[1])  # small images are enlarged (nearest) to be readable
+    grid = sampling.image_grid(images.repeat(factor, axis=1).repeat(factor, axis=2))
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
     save_png(grid, path)

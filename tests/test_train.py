@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
@@ -131,6 +132,14 @@ def test_every_config_builds_its_model(name):
     train.build_loss(config)
     params = unet.abstract_params(model)
     assert unet.parameter_count(params) > 0
+    size, ch = config.data.image_size, config.data.channels
+    x = jax.ShapeDtypeStruct((2, size, size, ch), jnp.float32)
+    t = jax.ShapeDtypeStruct((2,), jnp.int32)
+    out = jax.eval_shape(
+        lambda p, x, t: model.apply({"params": p}, x, t, train=False), params, x, t
+    )
+    assert out.shape == (2, size, size, ch * (2 if config.model.learn_sigma else 1))
+    assert out.dtype == jnp.float32
     if name.startswith("cifar10"):
         assert abs(unet.parameter_count(params) - 57.09e6) / 57.09e6 < 1e-3
 
@@ -154,3 +163,35 @@ def test_command_line_trains_and_writes_a_checkpoint_and_samples(tmp_path):
     assert (tmp_path / "checkpoints" / "3").is_dir()
     assert (tmp_path / "samples" / "step_00000003.png").is_file()
     assert (tmp_path / "config.json").is_file()
+
+
+def test_command_line_reports_bad_input_in_one_line_and_creates_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "ddpm_bs.main", "--config=configs/digits.py", f"--workdir={workdir}",
+        "--config.data.name=folder", f"--config.data.folder={tmp_path / 'missing'}",
+    ]  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ddpm-bs: ") and "data.folder" in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, False),
+        ({"SLURM_NTASKS": "1"}, False),
+        ({"SLURM_NTASKS": "16"}, True),
+        ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+        ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),
+        ({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, True),
+    ],
+)
+def test_distributed_runtime_starts_only_when_launched_multiprocess(env, expected):
+    from ddpm_bs import main
+
+    assert main._launched_multiprocess(env) is expected

@@ -1,0 +1,131 @@
+"""Train-step throughput: images/s, TFLOP/s, MFU, memory and compile time of `train.Trainer.step`.
+
+The step is the real one (sampler, q_sample, hybrid loss, AdamW, EMA, metrics) on a synthetic
+batch already on the devices, so the input pipeline is not measured. One JSON line per figure:
+
+    {"bench": "train_step", "config": ..., "batch": ..., "dtype": ..., "img_per_s": ...,
+     "tflops": ..., "mfu": ..., "gflop_per_img": ..., "peak_mem_gib": ..., "compile_s": ..., ...}
+
+`gflop_per_img` is XLA's count of the compiled step (it skips conv taps on zero padding, so the
+CIFAR-10 ADM config counts 52.3 where the padded hand count is 55.6); `tflops` and `mfu` use the
+reference figure where one is known (`--gflop_per_img`), else XLA's count. MFU is against the
+device's dense peak for the dtype (known for H100/H200/A100; null elsewhere).
+
+    python bench/train_step.py --config=configs/cifar10_adm.py --batch=128 --dtype=bfloat16
+    python bench/train_step.py --config=configs/digits.py --batch=64
+    python bench/train_step.py --smoke      # a few steps of a tiny config (what the test runs)
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from configs import default  # noqa: E402
+from ddpm_bs import train  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10_adm.py", "Config file.")
+_BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype override.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per repeat.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (the median is reported).")
+_GFLOP = flags.DEFINE_float("gflop_per_img", None, "Reference GFLOP per training image.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny config, 2 steps, 1 repeat.")
+
+# Dense peak TFLOP/s by (device kind substring, dtype): vendor datasheets (SXM parts).
+PEAKS = {
+    ("H100", "bfloat16"): 989.0,
+    ("H100", "float32"): 494.0,  # TF32 tensor cores, XLA's default for float32 matmuls on GPU
+    ("H200", "bfloat16"): 989.0,
+    ("H200", "float32"): 494.0,
+    ("A100", "bfloat16"): 312.0,
+    ("A100", "float32"): 156.0,
+}
+# The paper's CIFAR-10 ADM config: 55.6 GFLOP per image, forward + backward (padded count).
+REFERENCE_GFLOP = {"cifar10_adm": 55.6, "cifar10_adm_bs": 55.6}
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    name = Path(config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]).stem
+    if _SMOKE.value:
+        config = default.smoke(config)
+    if _BATCH.value:
+        config.train.batch_size = _BATCH.value
+    if _DTYPE.value:
+        config.model.dtype = _DTYPE.value
+    steps, repeats = (2, 1) if _SMOKE.value else (_STEPS.value, _REPEATS.value)
+
+    trainer = train.Trainer(config)
+    state = trainer.init()
+    b = config.train.batch_size
+    image = jax.random.uniform(jax.random.key(0), (b, *trainer.image_shape), minval=-1, maxval=1)
+    batch = jax.device_put(
+        {"image": image, "label": jnp.zeros((b,), jnp.int32)}, trainer.batch_sharding
+    )
+    start = time.perf_counter()
+    compiled = trainer.step.lower(state, batch, trainer.train_key).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    xla_gflop = float(cost.get("flops", 0.0)) / b / 1e9 if cost else None
+
+    state, metrics = compiled(state, batch, trainer.train_key)  # warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(state, batch, trainer.train_key)
+        jax.block_until_ready((state, metrics))
+        times.append((time.perf_counter() - start) / steps)
+    step_s = statistics.median(times)
+
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", device.platform)
+    gflop = _GFLOP.value or REFERENCE_GFLOP.get(name) or xla_gflop
+    img_per_s = b / step_s
+    tflops = img_per_s * gflop / 1e3 if gflop else None
+    peak = next((v for (k, d), v in PEAKS.items() if k in kind and d == config.model.dtype), None)
+    mem = device.memory_stats() or {}
+    peak_bytes = mem.get("peak_bytes_in_use")
+    if peak_bytes is None:  # CPU: XLA's static estimate of the step's buffers.
+        ma = compiled.memory_analysis()
+        peak_bytes = (
+            ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+            if ma is not None
+            else None
+        )
+    record = {
+        "bench": "train_step",
+        "config": name + ("(smoke)" if _SMOKE.value else ""),
+        "batch": b,
+        "dtype": config.model.dtype,
+        "devices": jax.device_count(),
+        "img_per_s": round(img_per_s, 2),
+        "step_ms": round(step_s * 1e3, 3),
+        "gflop_per_img": round(gflop, 3) if gflop else None,
+        "xla_gflop_per_img": round(xla_gflop, 3) if xla_gflop else None,
+        "tflops": round(tflops, 3) if tflops else None,
+        "mfu": round(tflops / peak, 4) if (tflops and peak) else None,
+        "peak_mem_gib": round(peak_bytes / 2**30, 3) if peak_bytes else None,
+        "compile_s": round(compile_s, 2),
+        "device": kind,
+        "jax": jax.__version__,
+    }
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
