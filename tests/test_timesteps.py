@@ -2,6 +2,8 @@
 
 import functools
 import math
+import pathlib
+import re
 
 import chex
 import jax
@@ -22,13 +24,15 @@ P_MIN = 1e-3  # chi-square / KS p-values must exceed this (fixed seeds)
 _KEY = jax.random.key(0)
 _LOSS_AWARE = timesteps.loss_aware(10)
 
-README_SNIPPET = """\
-import jax, jax.numpy as jnp
-from ddpm_bs import timesteps
-sampler = timesteps.bernoulli(num_timesteps=1000, t_delta=800, p=0.8)
-t = sampler(jax.random.key(0), (128,))
-w = timesteps.importance_weights(sampler, t)   # optional: unbiased reweighting
-"""
+
+def _readme_snippets() -> list[str]:
+    """The python blocks of README.md's section on using the samplers (kept in step by these tests)."""
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Use the samplers in your own JAX code", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+README_SNIPPET = _readme_snippets()[0]
 
 
 # ---------------------------------------------------------------------------------------------
