@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.learn_sigma = True  # Output 2C channels and train variances with the hybrid loss.
     c.model.num_classes = 0  # Classes for class-conditional models; 0 for unconditional.
     c.model.dtype = "float32"  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
+    # jax.nn.dot_product_attention backend: None (XLA everywhere) or 'cudnn' (GPU, bf16).
+    c.model.attention_implementation = config_dict.placeholder(str)
 
     # --- Diffusion --------------------------------------------------------------------------
     c.diffusion = ml_collections.ConfigDict()

@@ -61,6 +61,7 @@ def build_model(config: ml_collections.ConfigDict) -> unet.UNet:
         use_scale_shift_norm=m.use_scale_shift_norm,
         resblock_updown=m.resblock_updown,
         dtype=DTYPES[m.dtype],
+        attention_implementation=m.attention_implementation,
     )
     unet.check_config(model)
     return model
@@ -231,7 +232,7 @@ def train_step(
         "loss": jnp.mean(terms["loss"] * example_weight),
         "mse": jnp.mean(terms["mse"]),
         "vb": jnp.mean(terms["vb"]),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": _global_norm(grads),
         "lr": lr_schedule(state.step),
         "t_mean": jnp.mean(t.astype(jnp.float32)),
     }
@@ -241,6 +242,10 @@ def train_step(
         mask = (quarter == q).astype(jnp.float32)
         metrics[f"loss_q{q}"] = jnp.sum(terms["loss"] * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     return new_state, metrics
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 # --- The loop --------------------------------------------------------------------------------
