@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train",)
+MODES = ("train", "geometry")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples.")
@@ -54,10 +54,23 @@ def main(argv):
         jax.process_index(),
         jax.process_count(),
     )
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    # Training wraps its up-front checks in SetupError, so errors from a running step keep their
+    # traceback; the analysis modes validate their inputs before computing anything.
+    expected = (train.SetupError,) if _MODE.value == "train" else (ValueError, FileNotFoundError)
     try:
         if _MODE.value == "train":
-            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except train.SetupError as e:
+            train.train_and_evaluate(config, workdir)
+        elif _MODE.value == "locate":
+            from ddpm_bs import interval
+
+            result = interval.run_locate(config, workdir)
+            logging.info("t_δ = %d (t_δ/T = %.3f)", result["t_delta"], result["fraction"])
+        elif _MODE.value == "geometry":
+            from ddpm_bs import geometry
+
+            geometry.run_geometry(config, workdir)
+    except expected as e:
         sys.exit(f"ddpm-bs: {e}")  # One line, no traceback: the message names what to fix.
 
 
