@@ -54,7 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.timesteps = ml_collections.ConfigDict()
     c.timesteps.sampler = "uniform"  # 'uniform', 'bernoulli', 'piecewise', 'beta', 'lognormal',
     #                                  'logit_normal' or 'loss_aware'.
-    c.timesteps.t_delta = 800  # bernoulli: end of the significant interval, 1-based, in [1, T].
+    # bernoulli: end of the significant interval, 1-based, in [1, T]; or 'auto' to locate it
+    # with optimal transport before training (mode=locate; reuses the workdir's interval.json).
+    c.timesteps.t_delta = config_dict.FieldReference(800, field_type=object)
     c.timesteps.p = 0.8  # bernoulli: probability of drawing from the significant interval.
     c.timesteps.boundaries = (800,)  # piecewise: interior 1-based boundaries.
     c.timesteps.masses = (0.8, 0.2)  # piecewise: mass of each interval.
@@ -99,6 +101,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.sample_every = 10_000  # Steps between sample grids (0 disables; also at the end).
     c.train.num_samples = 64  # Images in each sample grid.
     c.train.sample_steps = 100  # DDIM steps for the sample grids.
+
+    # --- Sampling (mode=sample) -------------------------------------------------------------
+    c.sample = ml_collections.ConfigDict()
+    c.sample.method = (
+        "ddim"  # 'ddpm', 'ddim', 'dpm_solver', 'dpm_solver++', 'edm_euler', 'edm_heun'.
+    )
+    c.sample.steps = 100  # Model evaluations (respaced steps for ddpm/ddim).
+    c.sample.num_samples = 64  # Images to draw (the paper's FID uses 50,000).
+    c.sample.batch_size = 256  # Images per compiled call, split over the devices.
+    c.sample.eta = 0.0  # DDIM's η.
+    # Clip x̂0 to [−1, 1] at every step (guided-diffusion's default). Needed by the ODE solvers on
+    # the cosine schedule, whose first step starts at σ ≈ 2·10⁴ and amplifies ε̂ errors by ~10³.
+    c.sample.clip_denoised = True
+    # DPM-Solver step spacing: 'logSNR' or 'time_uniform'. Time-uniform steps span huge λ jumps
+    # near t = T on the cosine schedule; singlestep orders 2-3 then saturate digits samples.
+    c.sample.skip_type = "logSNR"
+    c.sample.eps_scale_k = 0.0  # Epsilon Scaling: ε̂ / (k·i + b) for ddpm/ddim; (0, 1) is off.
+    c.sample.eps_scale_b = 1.0
 
     # --- Device mesh ------------------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()

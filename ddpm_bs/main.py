@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "geometry")
+MODES = ("train", "sample", "geometry")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples.")
@@ -66,6 +66,10 @@ def main(argv):
 
             result = interval.run_locate(config, workdir)
             logging.info("t_δ = %d (t_δ/T = %.3f)", result["t_delta"], result["fraction"])
+        elif _MODE.value == "sample":
+            from ddpm_bs import generate
+
+            generate.run_sample(config, workdir)
         elif _MODE.value == "geometry":
             from ddpm_bs import geometry
 

@@ -78,6 +78,11 @@ def build_sampler(config: ml_collections.ConfigDict):
         "logit_normal": dict(mean=ts.logit_mean, std=ts.logit_std),
         "loss_aware": dict(history_per_term=ts.history, uniform_prob=ts.uniform_prob),
     }
+    if ts.sampler == "bernoulli" and not isinstance(ts.t_delta, int):
+        raise ValueError(
+            f"timesteps.t_delta={ts.t_delta!r} must be an integer in [1, {num_timesteps}] "
+            "(train_and_evaluate resolves 'auto' with the optimal-transport locator first)."
+        )
     if ts.sampler not in kwargs:
         raise ValueError(
             f"timesteps.sampler={ts.sampler!r} is unknown; valid samplers: {', '.join(kwargs)}."
@@ -388,6 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """
     jax.config.update("jax_threefry_partitionable", True)
     try:
+        config = resolve_t_delta(config, workdir)
         trainer = Trainer(config)
         loader = data.build(
             data.DataSpec.from_config(config.data),
@@ -439,6 +445,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ckpt.close()
     writer.flush()
     return state
+
+
+def resolve_t_delta(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """Replaces timesteps.t_delta='auto' by the located t_δ (the workdir's interval.json, or a new
+    `interval.run_locate`), logging it. Other configs are returned unchanged."""
+    if config.timesteps.t_delta != "auto":
+        return config
+    from ddpm_bs import interval
+
+    t_delta = interval.load_t_delta(workdir)
+    if t_delta is None:
+        logging.info("timesteps.t_delta='auto': locating t_δ with optimal transport first.")
+        t_delta = interval.run_locate(config, workdir)["t_delta"]
+    config = config.copy_and_resolve_references()
+    config.timesteps.t_delta = int(t_delta)
+    logging.info(
+        "Training with the located t_δ = %d (t_δ/T = %.3f).",
+        t_delta,
+        t_delta / config.diffusion.num_timesteps,
+    )
+    return config
 
 
 def _write_samples(trainer, state, step, workdir, writer, is_main):

@@ -1,0 +1,105 @@
+"""Mode `sample`: draw images from a workdir's latest checkpoint (EMA weights) with any sampler.
+
+Writes `<workdir>/samples/<method><steps>_step<N>.npz` (uint8 `images` [N, H, W, C], `labels`)
+and a grid PNG of the first 64 beside it. Chunks of `sample.batch_size` are drawn with one
+compiled, data-sharded sampler and keys fold_in(sample_key, chunk), so the set is reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ddpm_bs import checkpointing, sampling, train
+
+
+def restore_ema_params(trainer: train.Trainer, workdir: str, rate_index: int = 0):
+    """The EMA params (of `train.ema_rates[rate_index]`) of the workdir's latest checkpoint."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"--workdir={workdir} has no checkpoints/ to sample from: train there first, or point "
+            "--workdir at a run directory."
+        )
+    ckpt = checkpointing.Checkpoints(workdir, asynchronous=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"{directory} holds no complete checkpoint.")
+        state, _ = ckpt.restore(trainer.abstract_state)
+    finally:
+        ckpt.close()
+    return state.ema_params[rate_index], int(state.step)
+
+
+def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Samples `config.sample.num_samples` images; returns the path of the .npz written."""
+    sc = config.sample
+    if sc.method not in sampling.METHODS:
+        raise ValueError(
+            f"sample.method={sc.method!r} is unknown; valid methods: {', '.join(sampling.METHODS)}."
+        )
+    if sc.num_samples < 1 or sc.batch_size < 1:
+        raise ValueError(
+            f"sample.num_samples={sc.num_samples} and sample.batch_size={sc.batch_size} must be ≥ 1."
+        )
+    trainer = train.Trainer(config)
+    n_data = trainer.mesh.shape["data"]
+    batch = -(-min(sc.batch_size, sc.num_samples) // n_data) * n_data  # round up to the devices
+    params, step = restore_ema_params(trainer, workdir)
+
+    def apply_fn(params, x, t, *y):
+        return trainer.model.apply({"params": params}, x, t, *y, train=False)
+
+    opts = {
+        "steps": sc.steps,
+        "target": config.loss.target,
+        "learn_sigma": config.model.learn_sigma,
+        "clip_denoised": sc.clip_denoised,
+    }
+    if sc.method in ("ddim", "ddpm") and (sc.eps_scale_k, sc.eps_scale_b) != (0.0, 1.0):
+        opts["eps_scale"] = (sc.eps_scale_k, sc.eps_scale_b)
+    if sc.method in ("dpm_solver", "dpm_solver++"):
+        opts["skip_type"] = sc.skip_type
+    if sc.method == "ddim":
+        opts["eta"] = sc.eta
+    fn = sampling.sharded_sampler(
+        sc.method,
+        apply_fn,
+        trainer.mesh,
+        config.diffusion.schedule,
+        config.diffusion.num_timesteps,
+        (batch, *trainer.image_shape),
+        **opts,
+    )
+    num_classes = config.model.num_classes
+    images, labels = [], []
+    for chunk in range(-(-sc.num_samples // batch)):
+        key = jax.random.fold_in(trainer.sample_key, chunk)
+        y = None
+        if num_classes:
+            y = jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, num_classes)
+            labels.append(np.asarray(y))
+        images.append(sampling.to_uint8(fn(params, key, y)))
+        logging.info("Sampled %d / %d", min((chunk + 1) * batch, sc.num_samples), sc.num_samples)
+    images = np.concatenate(images)[: sc.num_samples]
+    labels = np.concatenate(labels)[: sc.num_samples] if labels else np.zeros((0,), np.int32)
+
+    out_dir = os.path.join(workdir, "samples")
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{sc.method}{sc.steps}_step{step:08d}")
+    if jax.process_index() == 0:
+        with open(stem + ".npz.tmp", "wb") as f:
+            np.savez(f, images=images, labels=labels.astype(jnp.int32))
+        os.replace(stem + ".npz.tmp", stem + ".npz")
+        grid = images[:64]
+        factor = max(1, 32 // grid.shape[1])
+        train.save_png(
+            sampling.image_grid(grid.repeat(factor, axis=1).repeat(factor, axis=2)), stem + ".png"
+        )
+        logging.info("Wrote %s.npz and %s.png", stem, stem)
+    return stem + ".npz"
