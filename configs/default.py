@@ -117,6 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
     # DPM-Solver step spacing: 'logSNR' or 'time_uniform'. Time-uniform steps span huge λ jumps
     # near t = T on the cosine schedule; singlestep orders 2-3 then saturate digits samples.
     c.sample.skip_type = "logSNR"
+    c.sample.metric = "digits_fid"  # mode=eval: the metric ('digits_fid' for the built-in data).
     c.sample.eps_scale_k = 0.0  # Epsilon Scaling: ε̂ / (k·i + b) for ddpm/ddim; (0, 1) is off.
     c.sample.eps_scale_b = 1.0
 

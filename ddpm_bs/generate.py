@@ -1,4 +1,4 @@
-"""Mode `sample`: draw images from a workdir's latest checkpoint (EMA weights) with any sampler.
+"""Modes `sample` and `eval`: draw images from a workdir's latest checkpoint (EMA weights) with any sampler.
 
 Writes `<workdir>/samples/<method><steps>_step<N>.npz` (uint8 `images` [N, H, W, C], `labels`)
 and a grid PNG of the first 64 beside it. Chunks of `sample.batch_size` are drawn with one
@@ -7,6 +7,8 @@ compiled, data-sharded sampler and keys fold_in(sample_key, chunk), so the set i
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
 
@@ -103,3 +105,31 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
         )
         logging.info("Wrote %s.npz and %s.png", stem, stem)
     return stem + ".npz"
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Mode `eval`: scores the newest samples .npz in `<workdir>/samples` (`sample.metric`).
+
+    Appends the result to `<workdir>/eval.jsonl` and returns it.
+    """
+    from ddpm_bs import evaluation
+
+    if config.sample.metric not in evaluation.METRICS:
+        raise ValueError(
+            f"sample.metric={config.sample.metric!r} is unknown; valid metrics: "
+            f"{', '.join(evaluation.METRICS)}."
+        )
+    pattern = os.path.join(workdir, "samples", "*.npz")
+    paths = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not paths:
+        raise FileNotFoundError(
+            f"no samples in {os.path.dirname(pattern)}: run --mode=sample on this workdir first."
+        )
+    result = evaluation.evaluate_samples(paths[-1], metric=config.sample.metric)
+    result["samples"] = os.path.basename(paths[-1])
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(result) + "\n")
+    logging.info("%s", json.dumps(result))
+    print(json.dumps(result), flush=True)
+    return result

@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "sample", "geometry")
+MODES = ("train", "sample", "eval", "geometry")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples.")
@@ -70,6 +70,10 @@ def main(argv):
             from ddpm_bs import generate
 
             generate.run_sample(config, workdir)
+        elif _MODE.value == "eval":
+            from ddpm_bs import generate
+
+            generate.run_eval(config, workdir)
         elif _MODE.value == "geometry":
             from ddpm_bs import geometry
 

@@ -29,12 +29,17 @@ def test_sample_mode_writes_reproducible_images(tmp_path):
     assert (tmp_path / "samples" / "dpm_solver++3_step00000002.png").is_file()
     again = np.load(generate.run_sample(config, str(tmp_path)))["images"]
     np.testing.assert_array_equal(images, again)
+    result = generate.run_eval(config, str(tmp_path))  # the newest .npz: the one just written
+    assert result["num_samples"] == 10 and result["digits_fid"] > 0
+    assert (tmp_path / "eval.jsonl").read_text().count("digits_fid") == 1
 
 
 def test_sample_mode_needs_a_checkpoint_and_a_known_method(tmp_path):
     config = _config()
     with pytest.raises(FileNotFoundError, match="no checkpoints/ to sample from"):
         generate.run_sample(config, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="run --mode=sample"):
+        generate.run_eval(config, str(tmp_path))
     config.sample.method = "euler_maruyama"
     with pytest.raises(ValueError, match="sample.method='euler_maruyama'.*ddim"):
         generate.run_sample(config, str(tmp_path))

@@ -1,0 +1,202 @@
+"""FID math against closed forms and an independent sqrtm route; digits-FID sanity orderings."""
+
+import logging
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from ddpm_bs import evaluation
+
+
+def _random_cov(rng, d, rank=None):
+    a = rng.normal(size=(d, rank or 2 * d))
+    return a @ a.T / a.shape[1]
+
+
+def _fid_sqrtm_reference(mu1, sigma1, mu2, sigma2):
+    """pytorch-fid's route: scipy sqrtm of the non-symmetric product, real part."""
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    covmean = np.real(covmean)
+    diff = mu1 - mu2
+    return diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images, labels = evaluation._digits_dataset()
+    return images, labels
+
+
+# --------------------------------------------------------------------------------------------
+# Fréchet distance math
+
+
+def test_frechet_distance_diagonal_matches_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    a, b = rng.uniform(0.1, 3.0, size=6), rng.uniform(0.1, 3.0, size=6)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    got = evaluation.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+
+
+def test_frechet_distance_is_symmetric_and_zero_for_identical_stats():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=10), rng.normal(size=10)
+    s1, s2 = _random_cov(rng, 10), _random_cov(rng, 10)
+    forward = evaluation.frechet_distance(mu1, s1, mu2, s2)
+    np.testing.assert_allclose(forward, evaluation.frechet_distance(mu2, s2, mu1, s1), rtol=1e-9)
+    assert evaluation.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_full_covariance_matches_sqrtm_route():
+    rng = np.random.default_rng(2)
+    d = 32
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    s1, s2 = _random_cov(rng, d), _random_cov(rng, d)
+    expected = _fid_sqrtm_reference(mu1, s1, mu2, s2)
+    np.testing.assert_allclose(evaluation.frechet_distance(mu1, s1, mu2, s2), expected, rtol=1e-8)
+
+
+def test_frechet_distance_handles_singular_covariances():
+    rng = np.random.default_rng(3)
+    d = 16
+    s1, s2 = _random_cov(rng, d, rank=4), _random_cov(rng, d, rank=5)  # rank-deficient
+    mu = np.zeros(d)
+    fid = evaluation.frechet_distance(mu, s1, mu, s2)
+    assert np.isfinite(fid) and fid > 0
+    # sqrtm on the singular product needs pytorch-fid's ε·I offset; the two agree closely.
+    eps = 1e-10 * np.eye(d)
+    np.testing.assert_allclose(fid, _fid_sqrtm_reference(mu, s1 + eps, mu, s2 + eps), rtol=1e-4)
+
+
+def test_statistics_match_numpy():
+    rng = np.random.default_rng(4)
+    feats = rng.normal(size=(50, 7)).astype(np.float32)
+    mu, sigma = evaluation.statistics(feats)
+    assert mu.dtype == np.float64 and sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, np.mean(feats.astype(np.float64), axis=0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(5,), (1, 3), (2, 3, 4)])
+def test_statistics_rejects_bad_shapes(shape):
+    with pytest.raises(ValueError, match="features"):
+        evaluation.statistics(np.zeros(shape))
+
+
+def test_frechet_distance_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="sigma1"):
+        evaluation.frechet_distance(np.zeros(3), np.eye(4), np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match="mu1 and mu2"):
+        evaluation.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def test_save_load_statistics_round_trip(tmp_path):
+    rng = np.random.default_rng(5)
+    mu, sigma = rng.normal(size=4), _random_cov(rng, 4)
+    path = tmp_path / "sub" / "ref.npz"
+    evaluation.save_statistics(path, mu, sigma)
+    mu2, sigma2 = evaluation.load_statistics(path)
+    np.testing.assert_array_equal(mu, mu2)
+    np.testing.assert_array_equal(sigma, sigma2)
+
+
+def test_load_statistics_reads_guided_diffusion_batches_and_rejects_bare_images(tmp_path):
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    with_stats = tmp_path / "VIRTUAL_ref.npz"
+    np.savez(with_stats, arr_0=images, mu=np.ones(3), sigma=np.eye(3))
+    mu, sigma = evaluation.load_statistics(with_stats)
+    np.testing.assert_array_equal(mu, np.ones(3))
+    bare = tmp_path / "bare.npz"
+    np.savez(bare, arr_0=images)
+    with pytest.raises(ValueError, match="features first"):
+        evaluation.load_statistics(bare)
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        evaluation.load_statistics(tmp_path / "missing.npz")
+
+
+def test_shipped_weights_are_small_and_accurate():
+    size = evaluation.DIGITS_FEATURES_PATH.stat().st_size
+    assert size < 400_000
+    with np.load(evaluation.DIGITS_FEATURES_PATH) as f:
+        assert float(f["heldout_accuracy"]) >= 0.95
+
+
+# --------------------------------------------------------------------------------------------
+# Digits-FID
+
+
+def test_digits_features_shape_and_input_forms(digits):
+    images, _ = digits
+    feats = evaluation.digits_features(images[:10])
+    assert feats.shape == (10, 128) and feats.dtype == np.float64
+    as_uint8 = np.round((images[:10] + 1.0) * 127.5).astype(np.uint8)
+    np.testing.assert_allclose(evaluation.digits_features(as_uint8), feats, atol=1e-4)
+    rgb = np.repeat(as_uint8, 3, axis=-1)  # luma of a gray RGB image is the gray value
+    np.testing.assert_allclose(evaluation.digits_features(rgb), feats, atol=1e-3)
+    big = np.repeat(np.repeat(images[:10], 4, axis=1), 4, axis=2)  # 32×32 → resized to 8×8
+    assert evaluation.digits_features(big).shape == (10, 128)
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (np.zeros((4, 8, 8)), "images"),
+        (np.zeros((4, 8, 8, 2)), "images"),
+        (np.full((4, 8, 8, 1), 255.0), r"\[−1, 1\]"),
+        (np.zeros((4, 8, 8, 1), np.int32), "dtype"),
+    ],
+)
+def test_digits_features_rejects_bad_images(images, match):
+    with pytest.raises(ValueError, match=match):
+        evaluation.digits_features(images)
+
+
+def test_digits_fid_orderings(digits, caplog):
+    images, _ = digits
+    rng = np.random.default_rng(0)
+    self_fid = evaluation.digits_fid(images)
+    assert self_fid < 1e-6
+    order = rng.permutation(len(images))
+    half = len(images) // 2
+    first, second = images[order[:half]], images[order[half:]]
+    with caplog.at_level(logging.WARNING, logger=evaluation.__name__):
+        split_fid = evaluation.digits_fid(
+            first, reference=evaluation.statistics(evaluation.digits_features(second))
+        )
+    assert "biased high" in caplog.text
+    assert 0 < split_fid
+    noise = np.clip(rng.normal(size=images.shape), -1, 1).astype(np.float32)
+    blank = np.full_like(images, -1.0)
+    blank[:, 0, 0, 0] += rng.uniform(0, 1e-3, size=len(images))  # not exactly constant
+    assert evaluation.digits_fid(noise) > 20 * split_fid
+    assert evaluation.digits_fid(blank) > 20 * split_fid
+    noised = [
+        evaluation.digits_fid(np.clip(images + std * rng.normal(size=images.shape), -1, 1))
+        for std in (0.05, 0.1, 0.2, 0.4, 0.8)
+    ]
+    assert bool(np.all(np.diff(noised) > 0)), noised
+
+
+def test_evaluate_samples_reads_npz_and_names_bad_arguments(tmp_path, digits):
+    images, _ = digits
+    samples = np.round((images[:300] + 1.0) * 127.5).astype(np.uint8)
+    path = tmp_path / "samples.npz"
+    np.savez(path, images=samples)
+    result = evaluation.evaluate_samples(path)
+    assert set(result) == {"digits_fid", "num_samples"}
+    assert result["num_samples"] == 300 and np.isfinite(result["digits_fid"])
+    with pytest.raises(ValueError, match="metric.*digits_fid"):
+        evaluation.evaluate_samples(path, metric="inception_fid")
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        evaluation.evaluate_samples(tmp_path / "nope.npz")
+    other = tmp_path / "other.npz"
+    np.savez(other, x=samples)
+    with pytest.raises(ValueError, match="images"):
+        evaluation.evaluate_samples(other)
