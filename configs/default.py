@@ -7,6 +7,8 @@ at CIFAR-10.
     ddpm-bs --config=configs/default.py --workdir=runs/default
 """
 
+import copy
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -102,6 +104,22 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.num_samples = 64  # Images in each sample grid.
     c.train.sample_steps = 100  # DDIM steps for the sample grids.
 
+    # --- Locating t_δ with optimal transport (mode=locate; ddpm_bs.interval) ---------------
+    c.interval = ml_collections.ConfigDict()
+    c.interval.set_a = "class:0"  # First image set: 'class:<k>' (class k of config.data) or 'all'.
+    c.interval.set_b = "class:1"  # Second: 'class:<k>', 'all', or 'perturbed' (set A + noise).
+    c.interval.num_images = 500  # Images per set, at most (a smaller class uses all it has).
+    c.interval.num_t = 50  # Grid timesteps spread over [0, T−1], both ends included.
+    c.interval.num_seeds = 3  # Independent noise draws the curve is averaged over.
+    c.interval.delta = 0.1  # Proposition 2's δ on W₂(t)/W₂(0) (δ² = 1% of W₂²).
+    c.interval.epsilon_rel = 0.02  # Sinkhorn ε as a fraction of the mean squared distance at t.
+    c.interval.batch_size = config_dict.placeholder(int)  # None: dense costs; else online rows.
+    # 'debiased_baseline' (decays), 'naive' (Eq. 8 as written; rises), 'sinkhorn_divergence'.
+    c.interval.estimator = "debiased_baseline"
+    c.interval.max_iterations = 1000  # Sinkhorn iterations per problem.
+    c.interval.threshold = 1e-3  # Sinkhorn tolerance: L1 error of the marginals.
+    c.interval.perturb_std = 0.2  # set_b='perturbed': pixel-noise std (images in [−1, 1]).
+
     # --- Sampling (mode=sample) -------------------------------------------------------------
     c.sample = ml_collections.ConfigDict()
     c.sample.method = (
@@ -130,7 +148,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks any config to something a CPU runs in seconds (for tests and dry runs)."""
-    config = config.copy_and_resolve_references()
+    config = copy.deepcopy(config)  # keeps timesteps.t_delta's int-or-'auto' reference
     config.data.image_size = 8
     config.model.model_channels = 32
     config.model.channel_mult = (1, 2)

@@ -8,6 +8,7 @@ configured sampler; x_t by `q_sample`; per-example loss; optional importance wei
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -458,7 +459,7 @@ def resolve_t_delta(config: ml_collections.ConfigDict, workdir: str) -> ml_colle
     if t_delta is None:
         logging.info("timesteps.t_delta='auto': locating t_δ with optimal transport first.")
         t_delta = interval.run_locate(config, workdir)["t_delta"]
-    config = config.copy_and_resolve_references()
+    config = copy.deepcopy(config)
     config.timesteps.t_delta = int(t_delta)
     logging.info(
         "Training with the located t_δ = %d (t_δ/T = %.3f).",
