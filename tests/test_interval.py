@@ -251,6 +251,8 @@ def test_run_locate_writes_json_and_png_and_load_t_delta_reads_it(tmp_path):
     assert set(curve["transport"]) == {"ab", "aa_prime", "bb_prime"}
     assert np.shape(curve["transport"]["ab"]) == (1, 8)
     assert math.isfinite(stored["decay_rate"])
+    ratio = np.asarray(curve["ratio"], dtype=float)  # two digit classes drift together
+    assert ratio[0] == 1.0 and ratio[-1] < 0.1 < ratio[3] < ratio[0], ratio
     png = (tmp_path / "locate" / "interval.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "locate").glob("*.tmp"))
