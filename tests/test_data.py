@@ -1,6 +1,8 @@
 """Tests for ddpm_bs.data: sources, preprocessing, deterministic order, sharding, errors."""
 
+import os
 import socket
+import subprocess
 import sys
 
 import jax
@@ -231,7 +233,24 @@ def test_tfds_cifar10_mock_through_data_source(no_network):
     assert images.shape == (20, 32, 32, 3)  # already 32×32: passes through unchanged
     np.testing.assert_allclose(images[3], raw[3]["image"] / 127.5 - 1.0, atol=1e-6)
     assert labels[3] == raw[3]["label"]
-    assert "tensorflow" not in sys.modules  # the array_record path needs no TensorFlow
+
+
+def test_tfds_path_imports_no_tensorflow():
+    # In a fresh interpreter: other tests import clu, which imports TensorFlow for its writers.
+    code = (
+        "import sys, tensorflow_datasets as tfds\n"
+        "from ddpm_bs import data\n"
+        "with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=8):\n"
+        "    with data.build(data.DataSpec(name='cifar10', image_size=8), seed=0,"
+        " global_batch_size=4) as loader:\n"
+        "        next(loader)\n"
+        "assert 'tensorflow' not in sys.modules, 'the array_record path imported TensorFlow'\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_tfds_unprepared_dataset_says_how_to_prepare_it(tmp_path, no_network):

@@ -90,17 +90,16 @@ def _run(workdir, num_steps, **overrides):
 
 
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
-    straight = _run(tmp_path / "a", 6)
+    straight = _run(tmp_path / "a", 4)
     _run(tmp_path / "b", 2)
-    _run(tmp_path / "b", 4)  # resumes from step 2
-    resumed = _run(tmp_path / "b", 6)  # resumes from step 4
-    assert int(resumed.step) == int(straight.step) == 6
+    resumed = _run(tmp_path / "b", 4)  # resumes from step 2: params, EMA, Adam state, data position
+    assert int(resumed.step) == int(straight.step) == 4
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     steps = sorted(
         int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "b" / "checkpoints" / "*"))
     )
-    assert steps == [2, 4, 6]  # keep_checkpoints=3
+    assert steps == [2, 4]
 
 
 def test_checkpoint_of_another_model_is_refused_and_left_alone(tmp_path):
