@@ -629,6 +629,509 @@ def nearest_data_distance(points: Any, data: Any) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# Beyond the paper: σ schedules by dynamic programming over local truncation errors
+
+
+class StepCosts(NamedTuple):
+    """Local errors of single solver steps between candidate levels of a teacher ladder.
+
+    Attributes:
+      sigmas: [M] candidate levels, strictly decreasing, the last 0 (a subset of the teacher's).
+      teacher_index: [M] int, position of each candidate in the teacher's ladder.
+      cost: [M, M] float64; cost[i, j] (i < j) is the mean over teacher trajectories of
+        ‖step(x^T_{σ_i}; σ_i → σ_j) − x^T_{σ_j}‖, inf where not computed (j ≤ i, or j − i
+        beyond the window).
+      solver: 'euler' or 'heun' (the step; a step to σ = 0 is Euler for both).
+    """
+
+    sigmas: np.ndarray
+    teacher_index: np.ndarray
+    cost: np.ndarray
+    solver: str
+
+
+DP_SOLVERS = ("euler", "heun")
+
+
+def nfe_to_steps(nfe: int, solver: str) -> int:
+    """Steps K affordable with `nfe` denoiser calls, counted as EDM does (Karras et al. 2022).
+
+    Euler: one call per step, K = nfe. Heun: two calls per step except the last (to σ = 0,
+    an Euler step), NFE = 2K − 1, so K = ⌊(nfe + 1)/2⌋ (an even budget leaves one call unused).
+    """
+    if solver not in DP_SOLVERS:
+        raise ValueError(f"solver {solver!r} is unknown; valid solvers: {', '.join(DP_SOLVERS)}.")
+    if not isinstance(nfe, (int, np.integer)) or nfe < 1:
+        raise ValueError(f"nfe must be a positive integer, got {nfe!r}.")
+    return int(nfe) if solver == "euler" else (int(nfe) + 1) // 2
+
+
+def steps_to_nfe(num_steps: int, solver: str) -> int:
+    """The inverse count: K for Euler, 2K − 1 for Heun (EDM's convention)."""
+    return int(num_steps) if solver == "euler" else 2 * int(num_steps) - 1
+
+
+def _teacher_arrays(teacher: Any) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(teacher, Trajectory):
+        sig, samples = teacher.sigmas, teacher.samples
+    else:
+        sig, samples = teacher
+    sig = np.asarray(_check_ladder(np.asarray(sig)), np.float64)
+    samples = np.asarray(samples, np.float32)
+    if sig[-1] != 0:
+        raise ValueError(f"the teacher's sigmas must end at 0, got {sig[-1]}.")
+    if samples.ndim < 2 or samples.shape[0] != sig.shape[0]:
+        raise ValueError(
+            f"teacher samples must have shape [F+1, B, ...] with F+1 = {sig.shape[0]} levels, "
+            f"got {samples.shape}."
+        )
+    return sig, samples
+
+
+def candidate_indices(teacher_sigmas: Any, num_candidates: int) -> np.ndarray:
+    """Positions in a teacher ladder (ending at 0) of ≈ `num_candidates` levels, log-σ spaced.
+
+    Always keeps the first level (σ_max), the smallest positive one and the final 0. Levels
+    that several log-uniform targets pick are kept once, so fewer may come back.
+    """
+    sig = np.asarray(teacher_sigmas, np.float64)
+    if not isinstance(num_candidates, (int, np.integer)) or num_candidates < 3:
+        raise ValueError(f"num_candidates must be an integer ≥ 3, got {num_candidates!r}.")
+    positive = sig.size - 1
+    if positive + 1 <= num_candidates:
+        return np.arange(sig.size)
+    log_sig = np.log(sig[:positive])
+    targets = np.linspace(log_sig[0], log_sig[-1], num_candidates - 1)
+    picked = np.unique([int(np.argmin(np.abs(log_sig - t))) for t in targets])
+    return np.append(picked, positive)
+
+
+def step_costs(
+    teacher: Trajectory | tuple[Any, Any],
+    *,
+    denoise: Denoiser,
+    solver: str = "heun",
+    num_candidates: int = 64,
+    window: int | None = None,
+) -> StepCosts:
+    """The local-error table for `dp_schedule`: one solver step between every candidate pair.
+
+    For each candidate i the denoiser is evaluated once at the teacher states x^T_{σ_i}
+    (D(x; σ_i), shared by every j) and, for Heun, once more per target j at the Euler
+    predictor; all targets of one i are one batched call (jitted; the window is padded to a
+    power of two so only a few shapes compile). Cost per pair: mean over the B teacher
+    trajectories of the Euclidean norm of the difference to x^T_{σ_j}.
+
+    Args:
+      teacher: a fine `Trajectory` (or (sigmas [F+1], samples [F+1, B, ...])) ending at 0,
+        e.g. Heun with 200–1000 steps. Its states are where the steps start and what they
+        are scored against.
+      denoise: the denoiser the teacher was solved with.
+      solver: 'euler' or 'heun' (EDM's Heun; its step to σ = 0 is Euler, as in `solve`).
+      num_candidates: size of the candidate grid (`candidate_indices`); cost is
+        O(num_candidates²·B) denoiser calls for the full window.
+      window: largest j − i considered (None: all pairs). A window excludes long jumps, so
+        only ladders whose steps all fit are reachable.
+
+    Returns:
+      A `StepCosts`.
+    """
+    if solver not in DP_SOLVERS:
+        raise ValueError(f"solver {solver!r} is unknown; valid solvers: {', '.join(DP_SOLVERS)}.")
+    sig, samples = _teacher_arrays(teacher)
+    idx = candidate_indices(sig, num_candidates)
+    cand = sig[idx]
+    m = idx.size
+    if window is not None and (not isinstance(window, (int, np.integer)) or window < 1):
+        raise ValueError(f"window must be a positive integer or None, got {window!r}.")
+    width = m - 1 if window is None else min(int(window), m - 1)
+    batch = samples.shape[1]
+    ex_shape = samples.shape[2:]
+
+    @jax.jit
+    def errors(x, sigma, sigma_next, target):
+        # x: [B, ...]; sigma: []; sigma_next: [W]; target: [W, B, ...] -> [W, B]
+        w = sigma_next.shape[0]
+        d = denoise(x, jnp.full((batch,), sigma, jnp.float32)).astype(jnp.float32)
+        bshape = (w,) + (1,) * (x.ndim)
+        sn = sigma_next.reshape(bshape)
+        x_euler = x[None] + (sn - sigma) * (x - d)[None] / sigma  # [W, B, ...]
+        if solver == "euler":
+            x_next = x_euler
+        else:
+            last = sn <= 0
+            safe = jnp.where(last, sigma, sn)
+            flat = x_euler.reshape((w * batch, *ex_shape))
+            d2 = denoise(flat, jnp.repeat(safe.reshape(w), batch)).astype(jnp.float32)
+            d2 = d2.reshape(x_euler.shape)
+            slope = 0.5 * ((x - d)[None] / sigma + (x_euler - d2) / safe)
+            x_next = jnp.where(last, x_euler, x[None] + (sn - sigma) * slope)
+        diff = (x_next - target).reshape(w, batch, -1)
+        return jnp.sqrt(jnp.sum(jnp.square(diff), axis=-1))
+
+    cost = np.full((m, m), np.inf)
+    cand32 = cand.astype(np.float32)
+    for i in range(m - 1):
+        js = np.arange(i + 1, min(i + width, m - 1) + 1)
+        pad = max(8, 1 << int(np.ceil(np.log2(js.size))))
+        js_pad = np.concatenate([js, np.full(pad - js.size, js[-1])])
+        err = errors(
+            samples[idx[i]], float(cand32[i]), cand32[js_pad], samples[idx[js_pad]]
+        )  # [pad, B]
+        cost[i, js] = np.asarray(err, np.float64)[: js.size].mean(axis=1)
+    return StepCosts(sigmas=cand.astype(np.float32), teacher_index=idx, cost=cost, solver=solver)
+
+
+def dp_path(
+    costs: StepCosts, num_steps: int, *, through_sigma_min: bool = False
+) -> tuple[np.ndarray, float]:
+    """The K-step path 0 = i_0 < … < i_K = M − 1 through the candidates with least summed cost.
+
+    V_k(j) = min_i V_{k−1}(i) + cost[i, j], V_0 = [0, inf, …]: O(K·M²), exact.
+    With `through_sigma_min` the last step must start at the smallest positive candidate
+    (i_{K−1} = M − 2, as EDM's ladders end σ_min → 0); otherwise the DP may stop early with
+    an Euler step to 0 from a large σ, which returns the denoiser output D(x; σ) there.
+
+    Returns:
+      (indices [K+1] into `costs.sigmas`, the summed cost).
+    """
+    m = costs.sigmas.shape[0]
+    if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= m - 1:
+        raise ValueError(
+            f"num_steps must be an integer in [1, {m - 1}] (the candidate steps), got {num_steps!r}."
+        )
+    cost = costs.cost
+    if through_sigma_min:
+        cost = cost.copy()
+        cost[: m - 2, m - 1] = np.inf
+    value = np.full(m, np.inf)
+    value[0] = 0.0
+    back = np.zeros((num_steps, m), np.int64)
+    for k in range(num_steps):
+        total = value[:, None] + cost  # [from, to]
+        back[k] = np.argmin(total, axis=0)
+        value = total[back[k], np.arange(m)]
+    if not np.isfinite(value[-1]):
+        raise ValueError(
+            f"no {num_steps}-step path reaches σ = 0 within the window; widen `window`."
+        )
+    path = [m - 1]
+    for k in range(num_steps - 1, -1, -1):
+        path.append(int(back[k, path[-1]]))
+    return np.asarray(path[::-1]), float(value[-1])
+
+
+def snap_to_candidates(sigmas: Any, costs: StepCosts) -> np.ndarray:
+    """Indices of the candidates nearest (in log σ) to each level of a ladder; 0 maps to 0.
+
+    The first level maps to candidate 0 (σ_max) and duplicates are merged, so the result is
+    a valid path for `path_cost`.
+    """
+    sig = np.asarray(sigmas, np.float64)
+    cand = np.asarray(costs.sigmas, np.float64)
+    log_cand = np.log(cand[:-1])
+    out = [0]
+    for s in sig[1:]:
+        j = cand.size - 1 if s <= 0 else int(np.argmin(np.abs(log_cand - np.log(s))))
+        if j > out[-1]:
+            out.append(j)
+    if out[-1] != cand.size - 1:
+        out.append(cand.size - 1)
+    return np.asarray(out)
+
+
+def path_cost(costs: StepCosts, indices: Any) -> float:
+    """Σ cost[i_k, i_{k+1}] along a path of candidate indices (the DP objective)."""
+    idx = np.asarray(indices)
+    return float(np.sum(costs.cost[idx[:-1], idx[1:]]))
+
+
+def dp_schedule(
+    teacher: Trajectory | tuple[Any, Any] | None,
+    nfe: int,
+    *,
+    denoise: Denoiser | None = None,
+    solver: str = "heun",
+    num_candidates: int = 64,
+    window: int | None = None,
+    costs: StepCosts | None = None,
+    through_sigma_min: bool = False,
+) -> np.ndarray:
+    """A σ ladder for `nfe` denoiser calls that minimises the summed local truncation error.
+
+    Dynamic programming (`dp_path`) over a candidate grid taken from a fine "teacher"
+    solution: the cost of a step σ_i → σ_j is the mean distance between one `solver` step
+    started at the teacher's state at σ_i and the teacher's state at σ_j (`step_costs`). The
+    objective is the *sum of local errors*; how an error made early is carried (damped or
+    amplified) to the end, i.e. the global error, is not modelled. Steps: K =
+    `nfe_to_steps(nfe, solver)` (Heun: NFE = 2K − 1, the last step Euler, as EDM counts).
+
+    Args:
+      teacher: the fine teacher trajectory, or (sigmas_fine [F+1], samples_fine [F+1, B, ...]);
+        may be None when `costs` is given.
+      nfe: the budget of denoiser calls.
+      denoise: the teacher's denoiser (needed unless `costs` is given).
+      solver: 'heun' or 'euler'.
+      num_candidates, window: as in `step_costs`.
+      costs: a precomputed `step_costs` table (reuse it across budgets; its solver wins).
+      through_sigma_min: end with σ_min → 0 like EDM (see `dp_path`).
+
+    Returns:
+      float32 [K+1], σ descending from the teacher's σ_max, ending with 0.
+    """
+    if costs is None:
+        if teacher is None or denoise is None:
+            raise ValueError("dp_schedule needs `teacher` and `denoise`, or precomputed `costs`.")
+        costs = step_costs(
+            teacher,
+            denoise=denoise,
+            solver=solver,
+            num_candidates=num_candidates,
+            window=window,
+        )
+    path, _ = dp_path(costs, nfe_to_steps(nfe, costs.solver), through_sigma_min=through_sigma_min)
+    return np.asarray(costs.sigmas[path], np.float32)
+
+
+def uniform_t_sigmas(schedule: schedules.Schedule, num_steps: int, t_max: int) -> np.ndarray:
+    """σ at `num_steps` evenly spaced timesteps from t_max down to 0 of a VP grid, then 0.
+
+    The "uniform-in-t" ladder (DDIM's spacing) over the same range as a snapped EDM ladder.
+    Timesteps that round to the same integer are merged. float32 [≤ num_steps + 1].
+    """
+    ts = np.unique(np.round(np.linspace(t_max, 0, num_steps)).astype(np.int64))[::-1]
+    grid = np.asarray(schedule.sigmas, np.float64)
+    return np.append(grid[ts], 0.0).astype(np.float32)
+
+
+def denoiser_settles_at(
+    traj: Trajectory,
+    threshold: float = 0.01,
+    schedule: schedules.Schedule | None = None,
+) -> dict[str, Any]:
+    """Where the denoising trajectory stops changing: the largest σ below which it stays put.
+
+    r(σ_i) = mean_b ‖D(x_i; σ_i) − x_N‖ / mean_b ‖D(x_0; σ_0) − x_N‖ (x_N the final sample,
+    which equals the last D for a final Euler step to 0). Returns the largest σ_i such that
+    r ≤ threshold at σ_i and at every smaller σ of the ladder; with `schedule`, also its
+    nearest timestep t (`schedules.sigma_to_timestep`) and t/T.
+    """
+    conv = convergence(jax.device_get(traj))
+    dist = conv["denoised_to_final"].mean(axis=1)  # [N]
+    ratio = dist / max(dist[0], 1e-30)
+    sig = np.asarray(traj.sigmas, np.float64)[:-1]
+    above = np.nonzero(ratio > threshold)[0]
+    first = int(above[-1]) + 1 if above.size else 0
+    out: dict[str, Any] = {"threshold": float(threshold)}
+    if first >= ratio.size:  # never settles before the last step
+        out.update(sigma=None, t=None, t_over_T=None)
+        return out
+    out["sigma"] = float(sig[first])
+    out["ratio_at_sigma"] = float(ratio[first])
+    if schedule is not None:
+        t = int(schedules.sigma_to_timestep(schedule, jnp.float32(sig[first])))
+        out["t"] = t
+        out["t_over_T"] = t / schedule.num_timesteps
+    return out
+
+
+def _fid_fn():
+    """`evaluation.digits_fid` if it exists and runs (its feature weights are present)."""
+    try:
+        from ddpm_bs import evaluation  # optional: FID is skipped without it
+    except ImportError:
+        return None
+    fid = getattr(evaluation, "digits_fid", None)
+    if fid is None:
+        return None
+    try:
+        fid(np.random.default_rng(0).integers(0, 256, (8, 8, 8, 1), dtype=np.uint8))
+    except (OSError, ValueError) as e:  # e.g. the feature weights are not built yet
+        logging.warning("digits FID unavailable (%s); reporting RMSE only.", e)
+        return None
+    return fid
+
+
+def compare_schedules(
+    config,
+    workdir: str,
+    nfes: Sequence[int] = (4, 5, 6, 8, 10),
+    *,
+    params: Any = None,
+    solver: str = "heun",
+    denoisers: Sequence[str] = ("model", "optimal"),
+    num_fit: int = 16,
+    num_eval: int = 64,
+    num_fid: int = 500,
+    teacher_stride: int = 2,
+    num_candidates: int = 64,
+    window: int | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK,
+    plot: bool = True,
+) -> dict[str, Any]:
+    """EDM's ρ = 7 ladder vs uniform-in-t vs `dp_schedule` at each NFE budget, on one σ grid.
+
+    'dp' is the free DP ladder; 'dp_sigma_min' is forced to end σ_min → 0 as EDM's does.
+
+    The σ grid is the model's VP timestep grid (`config.diffusion`): every ladder is put on it
+    (`snap_sigmas`), from the level nearest σ_max = 80 (t_max) down to σ_0, then 0. The
+    teacher is Heun on every `teacher_stride`-th grid level of that range. For each denoiser
+    (the trained model via `vp_model_as_denoiser`, and the optimal denoiser of the data):
+
+    1. `num_fit` teacher trajectories fit the DP (`step_costs`, once per denoiser);
+    2. `num_eval` other noises (held out) give the teacher's final samples, and every ladder
+       is scored by the RMSE (per pixel, over the held-out batch) of its final samples to
+       them;
+    3. when `ddpm_bs.evaluation.digits_fid` exists, `num_fid` samples per ladder get a
+       digits FID (`num_fid = 0` skips it).
+
+    Budgets map to steps by `nfe_to_steps` (Heun: NFE = 2K − 1); `nfe_used` reports the calls
+    actually made. Noises come from `config.seed` in their own stream. Writes
+    `<workdir>/geometry/schedules.png` (RMSE vs NFE) when `plot`.
+
+    A ladder whose samples overflow (EDM's ρ = 7 with Heun at K ≤ 3 jumps from σ = 80 to
+    σ ≈ 0.01 in one step, and the Heun corrector explodes) gets RMSE/FID NaN (null in JSON).
+
+    Returns:
+      JSON-able dict: per denoiser, ladders and rmse/fid per schedule, indexed like `nfes`;
+      for the model also `denoiser_settles_at` measured on the teacher.
+    """
+    nfes = [int(n) for n in nfes]
+    steps = [nfe_to_steps(n, solver) for n in nfes]
+    spec = data_lib.DataSpec.from_config(config.data)
+    images = np.asarray(data_lib.load_all(spec), np.float32)
+    if images.shape[0] < 1:
+        raise ValueError(f"data set {spec.name!r} is empty: the data has shape {images.shape}.")
+    shape = images.shape[1:]
+    schedule = schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    grid = np.asarray(schedule.sigmas, np.float64)
+    t_max = int(np.argmin(np.abs(np.log(grid) - np.log(schedules.SIGMA_MAX))))
+    teacher_t = np.unique(np.append(np.arange(t_max, -1, -teacher_stride), 0))[::-1]
+    teacher_sigmas = np.append(grid[teacher_t], 0.0).astype(np.float32)
+    key = jax.random.fold_in(jax.random.key(config.seed), _GEOMETRY_STREAM + 1)
+    k_fit, k_eval, k_fid = jax.random.split(key, 3)
+    sigma_max = float(teacher_sigmas[0])
+    x_fit = sigma_max * jax.random.normal(k_fit, (num_fit, *shape), jnp.float32)
+    x_eval = sigma_max * jax.random.normal(k_eval, (num_eval, *shape), jnp.float32)
+    x_fid = sigma_max * jax.random.normal(k_fid, (max(num_fid, 1), *shape), jnp.float32)
+    fid = _fid_fn() if num_fid > 0 else None
+
+    ladders_by_k = {
+        "edm_rho7": {k: snap_sigmas(schedules.edm_sigmas(k), schedule) for k in set(steps)},
+        "uniform_t": {k: uniform_t_sigmas(schedule, k, t_max) for k in set(steps)},
+    }
+    denoise_fns: dict[str, Denoiser] = {}
+    if "optimal" in denoisers:
+        data_dev = jnp.asarray(images)
+        denoise_fns["optimal"] = functools.partial(
+            optimal_denoiser, data=data_dev, chunk_size=chunk_size
+        )
+    if "model" in denoisers and config.model.num_classes:
+        logging.warning("compare_schedules: class-conditional models are not supported; skipped.")
+    elif "model" in denoisers:
+        model_params, _ = _model_params(config, workdir, params)
+        if model_params is not None:
+            from ddpm_bs import train
+
+            model = train.build_model(config)
+
+            def model_fn(x_vp, t):
+                return model.apply({"params": model_params}, x_vp, t, None, train=False)
+
+            denoise_fns["model"] = vp_model_as_denoiser(
+                model_fn, schedule, config.loss.target, config.model.learn_sigma
+            )
+
+    result: dict[str, Any] = {
+        "solver": solver,
+        "nfe_budget": nfes,
+        "num_steps": steps,
+        "nfe_used": [steps_to_nfe(k, solver) for k in steps],
+        "teacher": {"solver": "heun", "num_steps": int(teacher_sigmas.size - 1)},
+        "grid_t_max": t_max,
+        "num_fit": num_fit,
+        "num_eval": num_eval,
+        "num_fid": num_fid if fid is not None else 0,
+        "fid_available": fid is not None,
+        "objective": "summed local truncation error of single steps from teacher states",
+    }
+    for name, denoise in denoise_fns.items():
+        run = jax.jit(functools.partial(solve, denoise), static_argnames="method")
+        teacher_fit = jax.device_get(run(x_fit, teacher_sigmas, method="heun"))
+        teacher_eval = np.asarray(run(x_eval, teacher_sigmas, method="heun").samples[-1])
+        costs = step_costs(
+            teacher_fit,
+            denoise=denoise,
+            solver=solver,
+            num_candidates=num_candidates,
+            window=window,
+        )
+        ladders = dict(ladders_by_k)
+        ladders["dp"] = {k: costs.sigmas[dp_path(costs, k)[0]] for k in set(steps)}
+        ladders["dp_sigma_min"] = {
+            k: costs.sigmas[dp_path(costs, k, through_sigma_min=True)[0]] for k in set(steps)
+        }
+        out: dict[str, Any] = {"ladders": {}, "rmse": {}, "fit_cost": {}}
+        if fid is not None:
+            out["fid"] = {}
+        for sched, by_k in ladders.items():
+            out["ladders"][sched] = [np.asarray(by_k[k], np.float64).tolist() for k in steps]
+            out["fit_cost"][sched] = [
+                path_cost(costs, snap_to_candidates(by_k[k], costs)) for k in steps
+            ]
+            rmse, fids = [], []
+            for k in steps:
+                lad = np.asarray(by_k[k], np.float32)
+                final = np.asarray(run(x_eval, lad, method=solver).samples[-1])
+                rmse.append(float(np.sqrt(np.mean(np.square(final - teacher_eval)))))
+                if fid is not None:
+                    imgs = np.asarray(run(x_fid, lad, method=solver).samples[-1])
+                    finite = np.all(np.isfinite(imgs))  # a diverged ladder gets no FID
+                    fids.append(float(fid(np.clip(imgs, -1, 1))) if finite else float("nan"))
+            out["rmse"][sched] = rmse
+            if fid is not None:
+                out["fid"][sched] = fids
+        if fid is not None:
+            out["fid_teacher"] = float(
+                fid(
+                    np.clip(
+                        np.asarray(run(x_fid, teacher_sigmas, method="heun").samples[-1]), -1, 1
+                    )
+                )
+            )
+        if name == "model":
+            out["denoiser_settles_at"] = denoiser_settles_at(teacher_fit, 0.01, schedule)
+        result[name] = out
+        logging.info("Schedules for %s: %s", name, out["rmse"])
+    if plot and jax.process_index() == 0:
+        out_dir = os.path.join(workdir, "geometry")
+        os.makedirs(out_dir, exist_ok=True)
+        _plot_schedules(result, os.path.join(out_dir, "schedules.png"))
+    return result
+
+
+def _plot_schedules(result: dict[str, Any], path: str) -> None:
+    from matplotlib.figure import Figure
+
+    names = [n for n in ("model", "optimal") if n in result]
+    if not names:
+        return
+    fig = Figure(figsize=(5.2 * len(names), 4))
+    for a, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), a + 1)
+        styles = (("edm_rho7", "-o"), ("uniform_t", "-s"), ("dp", "-^"), ("dp_sigma_min", "--v"))
+        for sched, style in styles:
+            ax.plot(result["nfe_used"], result[name]["rmse"][sched], style, ms=4, label=sched)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"NFE ({result['solver']})")
+        ax.set_ylabel("RMSE to the teacher's final samples")
+        ax.set_title({"model": "trained model", "optimal": "optimal denoiser"}[name])
+        ax.legend()
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
 # The geometry job
 
 
@@ -641,6 +1144,8 @@ def run_geometry(
     num_steps: int = 18,
     solvers: Sequence[str] = SOLVERS,
     chunk_size: int | None = DEFAULT_CHUNK,
+    schedules_comparison: bool = False,
+    comparison_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measures the ODE geometry on `config.data` and writes `<workdir>/geometry/`.
 
@@ -654,6 +1159,11 @@ def run_geometry(
 
     The measurements (quasi-linearity, convergence, curvature) use Heun's trajectories (EDM's
     sampler); the finite-difference identities are checked for every solver in `solvers`.
+    With a model, `denoiser_settles_at` (1% threshold) is read off its Heun trajectory.
+    With `schedules_comparison`, also runs `compare_schedules` (keyword overrides in
+    `comparison_options`; slow: minutes on a CPU), puts its dict under `schedules`, replaces
+    the model's `denoiser_settles_at` by the one measured on the fine teacher, and plots
+    schedules.png.
     Writes summary.json (the returned dict) and chord_deviation.png, convergence.png,
     trajectories_pca.png, curvature.png, each atomically.
 
@@ -737,7 +1247,17 @@ def run_geometry(
         results["model"]["sigma_grid"] = (
             "ladder snapped to the model's timesteps, duplicates merged"
         )
+        results["model"]["denoiser_settles_at"] = denoiser_settles_at(
+            jax.device_get(model_traj["heun"]), 0.01, schedule
+        )
 
+    if schedules_comparison:
+        comparison = compare_schedules(
+            config, workdir, params=model_params, **(comparison_options or {})
+        )
+        if "model" in comparison and "model" in results:
+            results["model"]["denoiser_settles_at"] = comparison["model"]["denoiser_settles_at"]
+        results["schedules"] = comparison
     summary.update(results)
     if jax.process_index() == 0:  # every process computes the same numbers; one writes them
         _write_json(summary, os.path.join(out_dir, "summary.json"))
