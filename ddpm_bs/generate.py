@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_bs import checkpointing, sampling, train
+from ddpm_bs import artifacts, checkpointing, sampling, train
 
 
 def restore_ema_params(trainer: train.Trainer, workdir: str, rate_index: int = 0):
@@ -100,7 +100,7 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
         os.replace(stem + ".npz.tmp", stem + ".npz")
         grid = images[:64]
         factor = max(1, 32 // grid.shape[1])
-        train.save_png(
+        artifacts.save_png(
             sampling.image_grid(grid.repeat(factor, axis=1).repeat(factor, axis=2)), stem + ".png"
         )
         logging.info("Wrote %s.npz and %s.png", stem, stem)

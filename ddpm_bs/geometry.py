@@ -38,9 +38,7 @@ shape; `sigma`: a scalar or [B].
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -49,8 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_bs import artifacts, diffusion, schedules
 from ddpm_bs import data as data_lib
-from ddpm_bs import diffusion, schedules
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]  # (x [B, ...], sigma [B]) -> D [B, ...]
 
@@ -1260,7 +1258,7 @@ def run_geometry(
         results["schedules"] = comparison
     summary.update(results)
     if jax.process_index() == 0:  # every process computes the same numbers; one writes them
-        _write_json(summary, os.path.join(out_dir, "summary.json"))
+        artifacts.write_json(summary, os.path.join(out_dir, "summary.json"))
         heun = {"optimal": trajectories["heun"]}
         if model_params is not None:
             heun["model"] = model_traj["heun"]
@@ -1340,24 +1338,6 @@ def _analyse(trajectories: dict[str, Trajectory], images: np.ndarray) -> dict[st
 
 # --------------------------------------------------------------------------------------------
 # Output
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf become None (strict JSON); containers are walked."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def _write_json(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(obj), f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
 
 
 def _save_figure(fig, path: str) -> None:

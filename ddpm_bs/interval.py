@@ -74,8 +74,8 @@ from ott.geometry import pointcloud
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import acceleration, sinkhorn
 
+from ddpm_bs import artifacts, diffusion, schedules
 from ddpm_bs import data as data_lib
-from ddpm_bs import diffusion, schedules
 
 ESTIMATORS = ("debiased_baseline", "naive", "sinkhorn_divergence")
 
@@ -746,7 +746,7 @@ def run_locate(config: Any, workdir: str, *, progress: bool = True) -> dict[str,
     }
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        _write_json(result, os.path.join(workdir, "interval.json"))
+        artifacts.write_json(result, os.path.join(workdir, "interval.json"))
         _plot(curve, located, ispec.delta, os.path.join(workdir, "interval.png"))
     if progress:
         logging.info(
@@ -780,26 +780,6 @@ def load_t_delta(workdir: str) -> int | None:
             "locate t_δ again."
         ) from e
     return t_delta
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf become None (strict JSON); numpy scalars become Python; containers are walked."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def _write_json(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(obj), f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
 
 
 def _plot(curve: W2Curve, located: Located, delta: float, path: str) -> None:

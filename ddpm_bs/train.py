@@ -25,7 +25,16 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_bs import checkpointing, data, diffusion, losses, sampling, schedules, timesteps
+from ddpm_bs import (
+    artifacts,
+    checkpointing,
+    data,
+    diffusion,
+    losses,
+    sampling,
+    schedules,
+    timesteps,
+)
 from ddpm_bs.models import unet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -477,19 +486,9 @@ def _write_samples(trainer, state, step, workdir, writer, is_main):
     grid = sampling.image_grid(images.repeat(factor, axis=1).repeat(factor, axis=2))
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
-    save_png(grid, path)
+    artifacts.save_png(grid, path)
     writer.write_images(step, {"samples": grid[None]})
     logging.info("Wrote %s", path)
-
-
-def save_png(image: np.ndarray, path: str) -> None:
-    from PIL import Image
-
-    if image.shape[-1] == 1:
-        image = image[..., 0]
-    tmp = path + ".tmp"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def _save_config(config, workdir):
