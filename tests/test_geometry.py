@@ -54,6 +54,13 @@ def test_tiny_sigma_gives_the_nearest_neighbour_and_huge_sigma_the_mean(points):
     np.testing.assert_allclose(geometry.optimal_denoiser(x, 1e4, y), mean, atol=1e-5)
 
 
+def test_one_data_point_is_its_own_posterior_mean(points):
+    x, y = points
+    for sigma in (1e-3, 1.0, 1e3):
+        out = geometry.optimal_denoiser(x, sigma, y[:1])
+        np.testing.assert_array_equal(out, np.broadcast_to(y[:1], x.shape))
+
+
 def test_per_example_sigma(points):
     x, y = points
     sigmas = np.linspace(0.2, 2.0, x.shape[0])
