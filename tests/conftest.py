@@ -8,6 +8,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_threefry_partitionable", True)
@@ -22,3 +23,33 @@ _CACHE_DIR = tempfile.mkdtemp(prefix="ddpm_bs_jax_cache_")
 atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+@pytest.fixture
+def run_bench():
+    """Runs `python bench/<script> <args>` from the repo root on one CPU device.
+
+    Returns the JSON records it printed, one per line, after asserting it exited 0.
+    """
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+
+    def run(script, *args, timeout=600):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+        result = subprocess.run(
+            [sys.executable, f"bench/{script}", *args],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+    return run

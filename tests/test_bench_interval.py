@@ -1,25 +1,10 @@
 """The W₂-curve benchmark runs and prints one JSON record per figure, agreeing with POT."""
 
-import json
-import pathlib
-import subprocess
-import sys
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 KEYS = {"bench", "estimator", "timesteps", "n", "dim", "seconds", "device", "jax"}
 
 
-def test_bench_interval_smoke_prints_json_lines():
-    result = subprocess.run(
-        [sys.executable, "bench/interval.py", "--smoke"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+def test_bench_interval_smoke_prints_json_lines(run_bench):
+    records = run_bench("interval.py", "--smoke", timeout=300)
     by_estimator = {r["estimator"]: r for r in records}
     assert set(by_estimator) == {"naive", "debiased_baseline", "reference_ott_per_t"}
     for record in records:

@@ -1,25 +1,10 @@
 """The timestep benchmark runs and prints one JSON record per sampler."""
 
-import json
-import pathlib
-import subprocess
-import sys
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 KEYS = {"bench", "sampler", "n", "draws_per_s", "ratio_to_uniform", "device", "jax"}
 
 
-def test_bench_timesteps_smoke_prints_json_lines():
-    result = subprocess.run(
-        [sys.executable, "bench/timesteps.py", "--smoke"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+def test_bench_timesteps_smoke_prints_json_lines(run_bench):
+    records = run_bench("timesteps.py", "--smoke", timeout=300)
     assert {r["sampler"] for r in records} >= {"uniform", "bernoulli", "loss_aware"}
     for record in records:
         assert KEYS <= set(record), record
