@@ -142,14 +142,7 @@ class DataSpec:
         Missing fields take the defaults; unknown fields are an error naming them. Empty
         strings for `data_dir`/`folder` mean None.
         """
-        values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"data.{unknown[0]}: unknown field (all unknown: {unknown}); "
-                f"known fields: {sorted(known)}."
-            )
+        values = config_section_values(cfg, cls, "data")
         for field in ("data_dir", "folder"):
             if values.get(field) == "":
                 values[field] = None
@@ -158,6 +151,19 @@ class DataSpec:
     @property
     def is_tfds(self) -> bool:
         return self.name not in ("digits", "folder")
+
+
+def config_section_values(cfg: Any, cls: type, section: str) -> dict[str, Any]:
+    """A ConfigDict section (or mapping) as a dict, refusing fields the dataclass `cls` lacks."""
+    values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"{section}.{unknown[0]}: unknown field (all unknown: {unknown}); "
+            f"known fields: {sorted(known)}."
+        )
+    return values
 
 
 def _check_type(field: str, value: Any, types: type | tuple[type, ...]) -> None:

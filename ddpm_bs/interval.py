@@ -588,14 +588,7 @@ class IntervalSpec:
         """
         if cfg is None:
             return cls()
-        values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"interval.{unknown[0]}: unknown field (all unknown: {unknown}); "
-                f"known fields: {sorted(known)}."
-            )
+        values = data_lib.config_section_values(cfg, cls, "interval")
         return cls(**values)
 
 
