@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.channels = 3  # Image channels (digits are grayscale and repeated to 3 when 3).
     c.data.random_flip = True  # Random horizontal flips (decided by seed, epoch and index).
     c.data.class_conditional = False  # Feed labels to the model (needs model.num_classes).
+    # An image folder's unreadable file: 'skip' (logged with its path, counted in the metric
+    # data_skipped_examples, replaced by the next readable image) or 'halt' (stop the run).
+    c.data.on_corrupt = "skip"
 
     # --- Model: the ADM U-Net (guided-diffusion's UNetModel) --------------------------------
     c.model = ml_collections.ConfigDict()
@@ -103,6 +106,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.sample_every = 10_000  # Steps between sample grids (0 disables; also at the end).
     c.train.num_samples = 64  # Images in each sample grid.
     c.train.sample_steps = 100  # DDIM steps for the sample grids.
+    # A step whose loss or gradient is not finite is never applied. 'skip': count it (metric
+    # skipped_steps) and go on; 'halt': stop with a message naming the step, keeping the
+    # checkpoints written before it.
+    c.train.on_nonfinite = "skip"
 
     # --- Locating t_δ with optimal transport (mode=locate; ddpm_bs.interval) ---------------
     c.interval = ml_collections.ConfigDict()
@@ -135,13 +142,22 @@ def get_config() -> ml_collections.ConfigDict:
     # DPM-Solver step spacing: 'logSNR' or 'time_uniform'. Time-uniform steps span huge λ jumps
     # near t = T on the cosine schedule; singlestep orders 2-3 then saturate digits samples.
     c.sample.skip_type = "logSNR"
-    c.sample.metric = "digits_fid"  # mode=eval: the metric ('digits_fid' for the built-in data).
+    # mode=eval: metrics, comma-separated: 'digits_fid' (built-in data), 'fid', 'sfid', 'is'.
+    c.sample.metric = "digits_fid"
+    # Converted FID Inception .npz (python -m ddpm_bs.inception --convert); for fid, sfid, is.
+    c.sample.inception_weights = config_dict.placeholder(str)
+    # fid/sfid reference: a stats .npz (python -m ddpm_bs.evaluation --reference_stats) or a
+    # guided-diffusion reference batch (VIRTUAL_*.npz).
+    c.sample.reference_stats = config_dict.placeholder(str)
     c.sample.eps_scale_k = 0.0  # Epsilon Scaling: ε̂ / (k·i + b) for ddpm/ddim; (0, 1) is off.
     c.sample.eps_scale_b = 1.0
 
     # --- Device mesh ------------------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # Devices on the data axis; −1 for all.
+    c.mesh.data = -1  # Devices on the data axis; −1 for all that mesh.fsdp leaves.
+    # Devices on the fsdp axis: params, EMA and optimizer state are split over it (ZeRO-3),
+    # the batch over data × fsdp. 1 = pure data parallelism; −1 = all that mesh.data leaves.
+    c.mesh.fsdp = 1
 
     return c
 

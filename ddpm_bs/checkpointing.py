@@ -3,17 +3,24 @@
 Orbax writes each step into a temporary directory and renames it when complete, and
 deletes old steps (beyond `keep`) only after a newer one is finalised, so the last good
 checkpoint is never lost to a failed save. Steps live at `<workdir>/checkpoints/<step>`.
+
+A process killed during a write leaves only a temporary directory, which the next start
+removes. A finalised step that cannot be read back (a truncated or damaged file) is reported,
+moved to `<workdir>/checkpoints_unreadable/<step>` (kept for inspection, never deleted), and
+the step before it is restored instead.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class Checkpoints:
@@ -21,10 +28,14 @@ class Checkpoints:
 
     def __init__(self, workdir: str, *, keep: int = 3, asynchronous: bool = True):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.unreadable_directory = os.path.join(os.path.abspath(workdir), "checkpoints_unreadable")
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=asynchronous,
+                cleanup_tmp_directories=True,  # the remains of a write that was killed
             ),
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
@@ -45,22 +56,53 @@ class Checkpoints:
             force=force,
         )
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, int]]:
-        """Restores into `abstract_state`'s structure, shapes and shardings.
+    def restore(self, abstract_state: Any) -> tuple[Any, dict[str, int]]:
+        """Restores the newest readable step into `abstract_state`'s structure and shardings.
 
         Raises:
           ValueError: naming the checkpoint when its arrays do not fit the configured model.
+          FileNotFoundError: when no step can be read.
         """
-        step = self.latest_step() if step is None else step
-        check_compatible(self.manager.item_metadata(step)["state"], abstract_state, self.directory)
-        restored = self.manager.restore(
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            restored, error = None, None
+            try:
+                metadata = self.manager.item_metadata(step)["state"]
+            except Exception as e:  # orbax/tensorstore raise many types for a damaged file
+                error = e
+            if error is None:
+                check_compatible(metadata, abstract_state, self.directory)  # not a damage
+                try:
+                    restored = self.manager.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract_state),
+                            data=ocp.args.JsonRestore(),
+                        ),
+                    )
+                except Exception as e:
+                    error = e
+            if _all_processes(error is None):
+                logging.info("Restored checkpoint step %d from %s", step, self.directory)
+                return restored["state"], dict(restored["data"])
+            self._set_aside(step, error)
+        raise FileNotFoundError(f"{self.directory} holds no readable checkpoint.")
+
+    def _set_aside(self, step: int, error: Exception | None) -> None:
+        target = os.path.join(self.unreadable_directory, f"{step}-{int(time.time())}")
+        logging.warning(
+            "Checkpoint step %d in %s cannot be read (%s); moved it to %s and trying the step "
+            "before it.",
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-            ),
+            self.directory,
+            f"{type(error).__name__}: {error}" if error else "unreadable on another process",
+            target,
         )
-        logging.info("Restored checkpoint step %d from %s", step, self.directory)
-        return restored["state"], dict(restored["data"])
+        if jax.process_index() == 0:
+            os.makedirs(self.unreadable_directory, exist_ok=True)
+            os.replace(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"ddpm_bs_set_aside_{step}")
+        self.manager.reload()
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -68,6 +110,13 @@ class Checkpoints:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _all_processes(ok: bool) -> bool:
+    """Whether `ok` holds on every process (a damaged shard may be read by one process only)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def check_compatible(saved_metadata: Any, abstract_state: Any, directory: str) -> None:

@@ -39,6 +39,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import importlib.util
+import logging
 import os
 import queue
 import threading
@@ -51,6 +52,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+ON_CORRUPT = ("skip", "halt")
+_MAX_REPLACEMENTS = 64  # consecutive unreadable files tolerated before giving up
+_PROBE = 16  # images decoded when a folder is opened
 _FLIP_STREAM = 1  # third word of the flip PRNG seed, keeps flips independent of the order
 
 
@@ -81,6 +85,9 @@ class DataSpec:
         (e.g. 140 for CelebA 64×64, as DDIM does); 0 crops the largest centered square.
       prefetch: batches prepared ahead by the loader's background thread.
       num_workers: threads decoding and resizing images within a batch; 0 = min(16, CPUs).
+      on_corrupt: what an unreadable image in a folder does: 'skip' (logged with its path,
+        counted, and replaced by the next readable image in source order, so the batch is
+        still a pure function of (seed, step)) or 'halt' (an error naming the file).
     """
 
     name: str = "digits"
@@ -94,10 +101,16 @@ class DataSpec:
     crop_size: int = 0
     prefetch: int = 2
     num_workers: int = 0
+    on_corrupt: str = "skip"
 
     def __post_init__(self):
         _check_type("data.name", self.name, str)
         _check_type("data.split", self.split, str)
+        if self.on_corrupt not in ON_CORRUPT:
+            raise ValueError(
+                f"data.on_corrupt={self.on_corrupt!r} is unknown; valid values: "
+                f"{', '.join(ON_CORRUPT)}."
+            )
         for field in ("image_size", "channels", "crop_size", "prefetch", "num_workers"):
             _check_type(f"data.{field}", getattr(self, field), int)
         for field in ("random_flip", "class_conditional"):
@@ -227,6 +240,14 @@ def _read_digits_table() -> np.ndarray:
     return np.concatenate([digits.data.astype(np.int64), digits.target[:, None]], axis=1)
 
 
+class UnreadableExample(ValueError):
+    """A source file that cannot be decoded; `path` names it."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+
+
 class FolderSource:
     """Every image under a folder, recursively, in sorted path order.
 
@@ -274,9 +295,10 @@ class FolderSource:
                 image = image.convert("L" if image.mode in ("1", "L", "LA") else "RGB")
                 array = np.asarray(image)
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
-            raise ValueError(
+            raise UnreadableExample(
+                path,
                 f"data.folder: cannot read image {path!r} ({type(e).__name__}: {e}); "
-                "remove or replace the file."
+                "remove or replace the file, or set data.on_corrupt='skip'.",
             ) from e
         if array.ndim == 2:
             array = array[..., None]
@@ -358,7 +380,7 @@ def open_source(spec: DataSpec) -> Source:
         source: Source = DigitsSource()
     elif spec.name == "folder":
         source = FolderSource(spec.folder)
-        source[0]  # decode one image now, so a wrong format fails before training starts
+        _probe(source, spec.on_corrupt)
     else:
         source = TfdsSource(spec.name, spec.split, spec.data_dir)
     if len(source) == 0:
@@ -369,6 +391,23 @@ def open_source(spec: DataSpec) -> Source:
             "(for a folder: put each class in its own subfolder); set it to False."
         )
     return source
+
+
+def _probe(source: FolderSource, on_corrupt: str) -> None:
+    """Decodes the first images now, so a folder of unreadable files fails before training."""
+    errors = []
+    for index in range(min(_PROBE, len(source))):
+        try:
+            source[index]
+            return
+        except UnreadableExample as e:
+            if on_corrupt == "halt":
+                raise
+            errors.append(e)
+    raise ValueError(
+        f"data.folder: none of the first {len(errors)} images under {source.root!r} can be "
+        f"read ({errors[0]}); check the folder's files."
+    )
 
 
 def num_classes(spec: DataSpec) -> int:
@@ -445,6 +484,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._cache: np.ndarray | None = None
+        self.unreadable: set[str] = set()  # paths skipped under on_corrupt='skip'
         if isinstance(source, DigitsSource):  # tiny and in memory: preprocess once
             pairs = [self._load(i) for i in range(self.num_examples)]
             self._cache = np.stack([image for image, _ in pairs])
@@ -488,12 +528,36 @@ class Pipeline:
         return indices, flips
 
     def _load(self, index: int) -> tuple[np.ndarray, int]:
-        image, label = self.source[int(index)]
+        image, label = self._read(int(index))
         spec = self.spec
         out = preprocess(
             image, image_size=spec.image_size, channels=spec.channels, crop_size=spec.crop_size
         )
         return out, label
+
+    def _read(self, index: int) -> tuple[np.ndarray, int]:
+        """source[index], or under on_corrupt='skip' the next readable example after it."""
+        for offset in range(_MAX_REPLACEMENTS):
+            try:
+                return self.source[(index + offset) % self.num_examples]
+            except UnreadableExample as e:
+                if self.spec.on_corrupt == "halt":
+                    raise
+                with self._lock:
+                    new = e.path not in self.unreadable
+                    self.unreadable.add(e.path)
+                if new:
+                    logging.warning(
+                        "data: skipping unreadable image %s (%d so far; data.on_corrupt='skip'): "
+                        "%s",
+                        e.path,
+                        len(self.unreadable),
+                        e,
+                    )
+        raise ValueError(
+            f"data.folder: {_MAX_REPLACEMENTS} consecutive images from index {index} cannot be "
+            "read; check the folder's files."
+        )
 
     def _map(self, fn: Callable[[int], Any], indices: Sequence[int]) -> list[Any]:
         with self._lock:
@@ -621,6 +685,11 @@ class Loader:
     @property
     def num_classes(self) -> int:
         return self.pipeline.num_classes
+
+    @property
+    def skipped_examples(self) -> int:
+        """Unreadable files skipped so far (data.on_corrupt='skip')."""
+        return len(self.pipeline.unreadable)
 
     @property
     def element_spec(self) -> dict[str, jax.ShapeDtypeStruct]:

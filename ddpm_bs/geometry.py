@@ -1284,13 +1284,12 @@ def _model_params(config, workdir: str, params: Any) -> tuple[Any, int | None]:
 
     ckpt = checkpointing.Checkpoints(workdir, asynchronous=False)
     try:
-        step = ckpt.latest_step()
-        if step is None:
+        if ckpt.latest_step() is None:
             return None, None
-        state, _ = ckpt.restore(train.Trainer(config).abstract_state, step)
+        state, _ = ckpt.restore(train.Trainer(config).abstract_state)
     finally:
         ckpt.close()
-    return state.ema_params[0], int(step)
+    return state.ema_params[0], int(state.step)
 
 
 def _analyse(trajectories: dict[str, Trajectory], images: np.ndarray) -> dict[str, Any]:

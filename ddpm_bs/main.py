@@ -31,6 +31,23 @@ def _launched_multiprocess(env) -> bool:
     return "," in env.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host TPU slice
 
 
+def _distributed_args(env) -> dict[str, int]:
+    """`jax.distributed.initialize` arguments JAX does not read from the environment itself.
+
+    JAX finds the cluster from SLURM, Open MPI or the TPU metadata, and the coordinator from
+    JAX_COORDINATOR_ADDRESS; for a hand-launched job (several processes on one host, or hosts
+    without a scheduler) JAX_NUM_PROCESSES and JAX_PROCESS_ID complete it.
+    """
+    names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+    out = {}
+    for arg, name in names.items():
+        if env.get(name, "") != "":
+            if not env[name].isdigit():
+                raise app.UsageError(f"{name}={env[name]!r} must be a non-negative integer.")
+            out[arg] = int(env[name])
+    return out
+
+
 class _QuietOrbax:
     """Drops orbax's INFO chatter (a dozen lines per save); its warnings and errors still show."""
 
@@ -45,8 +62,8 @@ def main(argv):
     import jax
 
     if _launched_multiprocess(os.environ):
-        jax.distributed.initialize()  # Reads the cluster from the environment (SLURM, TPU, …).
-    from ddpm_bs import train
+        jax.distributed.initialize(**_distributed_args(os.environ))
+    from ddpm_bs import train, validate
 
     logging.info(
         "JAX devices: %s (process %d of %d)",
@@ -59,6 +76,8 @@ def main(argv):
     # traceback; the analysis modes validate their inputs before computing anything.
     expected = (train.SetupError,) if _MODE.value == "train" else (ValueError, FileNotFoundError)
     try:
+        if _MODE.value != "train":  # training validates inside train_and_evaluate
+            validate.validate_config(config, num_devices=jax.device_count(), mode=_MODE.value)
         if _MODE.value == "train":
             train.train_and_evaluate(config, workdir)
         elif _MODE.value == "locate":
@@ -78,7 +97,7 @@ def main(argv):
             from ddpm_bs import geometry
 
             geometry.run_geometry(config, workdir)
-    except expected as e:
+    except (*expected, train.TrainingHalted) as e:
         sys.exit(f"ddpm-bs: {e}")  # One line, no traceback: the message names what to fix.
 
 

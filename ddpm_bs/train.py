@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -31,9 +32,12 @@ from ddpm_bs import (
     data,
     diffusion,
     losses,
+    preemption,
     sampling,
     schedules,
+    sharding,
     timesteps,
+    validate,
 )
 from ddpm_bs.models import unet
 
@@ -49,6 +53,9 @@ class TrainState:
     ema_params: tuple[Any, ...]  # One params tree per rate in config.train.ema_rates.
     opt_state: Any
     sampler_state: Any  # The loss-aware sampler's history; None for stateless samplers.
+    # Steps whose loss or gradient was not finite: their update was not applied.
+    skipped_steps: jax.Array  # [] int32
+    first_skipped_step: jax.Array  # [] int32: the first such step (1-based), −1 if none.
 
 
 # --- Builders: config → library objects ----------------------------------------------------
@@ -129,13 +136,7 @@ def build_optimizer(config: ml_collections.ConfigDict):
 
 
 def build_mesh(config: ml_collections.ConfigDict) -> Mesh:
-    devices = jax.devices()
-    n = len(devices) if config.mesh.data == -1 else config.mesh.data
-    if n < 1 or n > len(devices):
-        raise ValueError(
-            f"mesh.data={config.mesh.data} must be −1 (all) or in [1, {len(devices)}] devices."
-        )
-    return Mesh(np.asarray(devices[:n]), ("data",))
+    return sharding.make_mesh(config.mesh.data, config.mesh.get("fsdp", 1))
 
 
 # --- The step --------------------------------------------------------------------------------
@@ -152,6 +153,8 @@ def init_state(key, *, model, tx, sampler, image_shape, num_classes, num_ema) ->
         ema_params=tuple(params for _ in range(num_ema)),
         opt_state=tx.init(params),
         sampler_state=sampler.init_state() if _is_stateful(sampler) else None,
+        skipped_steps=jnp.zeros((), jnp.int32),
+        first_skipped_step=jnp.full((), -1, jnp.int32),
     )
 
 
@@ -227,6 +230,8 @@ def train_step(
         # Undo the split so per-example terms line up with t again.
         terms = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape((bsz,)), terms)
 
+    loss = jnp.mean(terms["loss"] * example_weight)
+    grad_norm = _global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = tuple(
@@ -236,18 +241,33 @@ def train_step(
     sampler_state = state.sampler_state
     if _is_stateful(sampler):
         sampler_state = sampler.update(sampler_state, t, jax.lax.stop_gradient(terms["loss"]))
+    # A non-finite loss or gradient (bad data, an overflow) must not reach the weights: the
+    # step is skipped on device, with no host sync, and counted; the loop decides what to do.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, ema_params, opt_state, sampler_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (params, ema_params, opt_state, sampler_state),
+        (state.params, state.ema_params, state.opt_state, state.sampler_state),
+    )
+    step = state.step + 1
+    first_skipped = jnp.where(
+        finite | (state.first_skipped_step >= 0), state.first_skipped_step, step
+    )
     new_state = TrainState(
-        step=state.step + 1,
+        step=step,
         params=params,
         ema_params=ema_params,
         opt_state=opt_state,
         sampler_state=sampler_state,
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+        first_skipped_step=first_skipped,
     )
     metrics = {
-        "loss": jnp.mean(terms["loss"] * example_weight),
+        "loss": loss,
         "mse": jnp.mean(terms["mse"]),
         "vb": jnp.mean(terms["vb"]),
-        "grad_norm": _global_norm(grads),
+        "grad_norm": grad_norm,
+        "skipped_steps": new_state.skipped_steps,
         "lr": lr_schedule(state.step),
         "t_mean": jnp.mean(t.astype(jnp.float32)),
     }
@@ -277,12 +297,12 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
         self.config = config
         self.mesh = mesh or build_mesh(config)
-        n_data = self.mesh.shape["data"]
-        if config.train.batch_size % (n_data * config.train.grad_accum_steps):
+        n_shards = sharding.num_batch_shards(self.mesh)
+        if config.train.batch_size % (n_shards * config.train.grad_accum_steps):
             raise ValueError(
                 f"train.batch_size={config.train.batch_size} must be divisible by the "
-                f"{n_data} devices on the mesh's data axis × train.grad_accum_steps="
-                f"{config.train.grad_accum_steps}."
+                f"{n_shards} devices the batch is split over (mesh.data × mesh.fsdp) × "
+                f"train.grad_accum_steps={config.train.grad_accum_steps}."
             )
         self.model = build_model(config)
         self.sampler = build_sampler(config)
@@ -301,7 +321,7 @@ class Trainer:
         )
 
         self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
         init_fn = functools.partial(
             init_state,
             model=self.model,
@@ -312,7 +332,7 @@ class Trainer:
             num_ema=len(config.train.ema_rates),
         )
         self.abstract_state = jax.eval_shape(init_fn, self.init_key)
-        self.state_sharding = jax.tree.map(lambda _: self.replicated, self.abstract_state)
+        self.state_sharding = sharding.state_shardings(self.abstract_state, self.mesh)
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             self.abstract_state,
@@ -394,15 +414,25 @@ class SetupError(ValueError):
     """A problem with the config, the data or the workdir, found before any training step."""
 
 
+class TrainingHalted(RuntimeError):
+    """Training stopped on a fault (a non-finite loss under train.on_nonfinite='halt')."""
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains `config` in `workdir`, resuming from its latest checkpoint when there is one.
+
+    SIGTERM or SIGINT (or, with several processes, the cluster's preemption notice) ends the
+    current step, writes a checkpoint synchronously and returns: rerun to resume.
 
     Raises:
       SetupError: the config, data or workdir cannot be used; raised before training, with
         nothing in the workdir changed.
+      TrainingHalted: a non-finite loss or gradient with train.on_nonfinite='halt'; the
+        checkpoints written before it are kept, and none is written after it.
     """
     jax.config.update("jax_threefry_partitionable", True)
     try:
+        validate.validate_config(config, num_devices=jax.device_count(), mode="train")
         config = resolve_t_delta(config, workdir)
         trainer = Trainer(config)
         loader = data.build(
@@ -411,7 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             global_batch_size=config.train.batch_size,
             sharding=trainer.batch_sharding,
         )
-        os.makedirs(workdir, exist_ok=True)
+        check_workdir(workdir, trainer.abstract_state)
         ckpt = checkpointing.Checkpoints(workdir, keep=config.train.keep_checkpoints)
         if ckpt.latest_step() is not None:
             state, data_state = ckpt.restore(trainer.abstract_state)
@@ -436,25 +466,111 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
     tc = config.train
     pending = None  # (step, metrics) of the previous step, fetched after the next is dispatched.
-    with loader:
-        for step in range(start + 1, num_steps + 1):
-            batch = next(loader)
-            state, metrics = trainer.step(state, batch, trainer.train_key)
+    skipped_seen = 0  # non-finite steps already reported
+    stop = preemption.StopRequest()
+    try:
+        with loader, stop:
+            for step in range(start + 1, num_steps + 1):
+                batch = next(loader)
+                state, metrics = trainer.step(state, batch, trainer.train_key)
+                if pending is not None:
+                    skipped_seen = _write_metrics(writer, *pending, loader, skipped_seen)
+                    _check_finite(state, tc.on_nonfinite, ckpt, skipped_seen)
+                    pending = None
+                if itstime(step, tc.log_every, num_steps):
+                    pending = (step, metrics)
+                report(step, time.time())
+                if tc.sample_every > 0 and itstime(step, tc.sample_every, num_steps):
+                    _write_samples(trainer, state, step, workdir, writer, is_main)
+                stopping = stop.reached(step)
+                if itstime(step, tc.checkpoint_every, num_steps) or stopping:
+                    _check_finite(state, tc.on_nonfinite, ckpt)
+                    ckpt.save(step, state, loader.get_state())
+                if stopping:
+                    ckpt.wait()
+                    logging.warning(
+                        "Stopped by %s after step %d; checkpoint written to %s/%d. Rerun the "
+                        "same command to resume.",
+                        stop.signal_name,
+                        step,
+                        ckpt.directory,
+                        step,
+                    )
+                    break
             if pending is not None:
-                writer.write_scalars(pending[0], jax.device_get(pending[1]))
-                pending = None
-            if itstime(step, tc.log_every, num_steps):
-                pending = (step, metrics)
-            report(step, time.time())
-            if tc.sample_every > 0 and itstime(step, tc.sample_every, num_steps):
-                _write_samples(trainer, state, step, workdir, writer, is_main)
-            if itstime(step, tc.checkpoint_every, num_steps):
-                ckpt.save(step, state, {"step": loader.step})
-        if pending is not None:
-            writer.write_scalars(pending[0], jax.device_get(pending[1]))
-    ckpt.close()
-    writer.flush()
+                _write_metrics(writer, *pending, loader, skipped_seen)
+                _check_finite(state, tc.on_nonfinite, ckpt)
+    finally:
+        ckpt.close()  # waits for a save in flight: the newest good checkpoint is complete
+        writer.flush()
     return state
+
+
+def check_workdir(workdir: str, abstract_state: Any) -> None:
+    """Checks the disk can hold two checkpoints of this state, then creates the workdir.
+
+    Raises:
+      PermissionError, ValueError: naming --workdir and what to do.
+    """
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract_state))
+    needed = 2 * state_bytes + (64 << 20)  # the save in flight, the one kept, and logs
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise ValueError(
+            f"--workdir={workdir}: {free / 2**30:.2f} GiB free, but a checkpoint of this model "
+            f"takes {state_bytes / 2**30:.2f} GiB and training needs room for two "
+            f"({needed / 2**30:.2f} GiB); free some space or use another --workdir."
+        )
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(
+            f"--workdir={workdir} cannot be written ({type(e).__name__}: {e}); choose a "
+            "directory this user can create files in."
+        ) from e
+
+
+def _write_metrics(writer, step, metrics, loader, skipped_seen: int) -> int:
+    """Writes one step's metrics; warns when steps were skipped since the last write."""
+    metrics = jax.device_get(metrics)
+    if loader.skipped_examples:
+        metrics["data_skipped_examples"] = loader.skipped_examples
+    writer.write_scalars(step, metrics)
+    skipped = int(metrics["skipped_steps"])
+    if skipped > skipped_seen:
+        logging.warning(
+            "%d step(s) up to step %d had a non-finite loss or gradient; their updates were "
+            "not applied (train.on_nonfinite).",
+            skipped,
+            step,
+        )
+    return skipped
+
+
+def _check_finite(state: TrainState, on_nonfinite: str, ckpt, known_skipped: int = -1) -> None:
+    """Raises TrainingHalted if a step was non-finite and train.on_nonfinite is 'halt'.
+
+    `known_skipped` ≥ 0 is the count just read from the metrics: the state is not read then
+    unless a step was skipped, so a healthy run does not wait on the device here.
+    """
+    if on_nonfinite != "halt" or known_skipped == 0:
+        return
+    skipped, first = jax.device_get((state.skipped_steps, state.first_skipped_step))
+    if int(skipped):
+        raise TrainingHalted(
+            f"the loss or gradient was not finite at step {int(first)} and "
+            f"train.on_nonfinite='halt': training stopped without applying that update. The "
+            f"last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower "
+            "optim.lr, enable optim.grad_clip, check the data, or set "
+            "train.on_nonfinite='skip' to skip such steps."
+        )
 
 
 def resolve_t_delta(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:

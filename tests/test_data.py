@@ -328,10 +328,10 @@ def test_folder_images_are_center_cropped_and_resized(image_folder):
     np.testing.assert_allclose(images[3], 200 / 127.5 - 1.0, atol=1e-6)  # gray → RGB
 
 
-def test_folder_with_a_corrupt_image_reports_its_path(image_folder):
+def test_folder_with_a_corrupt_image_halts_naming_its_path(image_folder):
     bad = image_folder / "dog" / "zzz.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
-    spec = data.DataSpec(name="folder", folder=str(image_folder), image_size=8)
+    spec = data.DataSpec(name="folder", folder=str(image_folder), image_size=8, on_corrupt="halt")
     with pytest.raises(ValueError, match=r"data\.folder.*zzz\.png"):
         data.load_all(spec)
     with data.build(spec, seed=0, global_batch_size=5) as loader:  # 5 images: every batch has it
@@ -340,10 +340,35 @@ def test_folder_with_a_corrupt_image_reports_its_path(image_folder):
         assert loader.step == 0
 
 
-def test_folder_with_a_corrupt_first_image_fails_at_build(tmp_path):
+def test_folder_with_a_corrupt_image_skips_and_counts_it(image_folder, caplog):
+    bad = image_folder / "dog" / "zzz.png"  # last in source order: replaced by index 0, cat/a.png
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    spec = data.DataSpec(name="folder", folder=str(image_folder), image_size=8, random_flip=False)
+    with data.build(spec, seed=0, global_batch_size=5) as loader, caplog.at_level("WARNING"):
+        batches = [next(loader) for _ in range(3)]  # the corrupt file is in every batch
+        assert loader.skipped_examples == 1
+    assert sum("zzz.png" in r.getMessage() for r in caplog.records) == 1  # reported once
+    bad.unlink()
+    readable = data.load_all(spec)  # the 4 good images
+    for step, batch in enumerate(batches):
+        indices, _ = loader.pipeline.indices_at(step)
+        np.testing.assert_array_equal(batch["image"], readable[np.where(indices == 4, 0, indices)])
+
+
+def test_folder_with_a_corrupt_first_image_fails_at_build_when_halting(tmp_path):
     (tmp_path / "a.png").write_bytes(b"garbage")
-    spec = data.DataSpec(name="folder", folder=str(tmp_path))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "b.png")
+    spec = data.DataSpec(name="folder", folder=str(tmp_path), on_corrupt="halt")
     with pytest.raises(ValueError, match=r"data\.folder.*a\.png"):
+        data.build(spec, seed=0, global_batch_size=8)
+    data.build(data.DataSpec(name="folder", folder=str(tmp_path)), seed=0, global_batch_size=8)
+
+
+def test_folder_of_only_unreadable_images_fails_at_build(tmp_path):
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / name).write_bytes(b"garbage")
+    spec = data.DataSpec(name="folder", folder=str(tmp_path))
+    with pytest.raises(ValueError, match=r"data\.folder: none of the first 2 images"):
         data.build(spec, seed=0, global_batch_size=8)
 
 

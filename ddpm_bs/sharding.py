@@ -1,0 +1,97 @@
+"""The device mesh and how arrays are laid out on it.
+
+The mesh has two axes, `data` and `fsdp`. A global batch is split over both (every device
+holds B / (data·fsdp) examples). Parameters, their EMAs and the optimizer state are
+replicated over `data` and, when `fsdp > 1`, split over `fsdp` by one rule over shapes
+(`param_spec`): an array of at least `min_size` elements is split on its largest dimension
+that `fsdp` divides; smaller arrays (biases, norms, step counters) stay replicated. XLA then
+all-gathers each weight where it is used and reduce-scatters its gradient, so the bytes of
+params + EMA + Adam moments per device fall by about `fsdp`× while activations stay
+batch-sharded (ZeRO-3 / FSDP).
+
+Devices are laid out process-major (`jax.devices()` order), so each process's devices hold
+a contiguous block of the batch and each process reads only its own rows (data.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp")
+MIN_SHARDED_SIZE = 1 << 14  # elements (64 KiB in float32); smaller arrays are replicated
+
+
+def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
+    """Resolves `mesh.data` and `mesh.fsdp` (−1 = all devices the other axis leaves).
+
+    Raises:
+      ValueError: naming the config field, when the axes do not fit the devices.
+    """
+    for name, value in (("mesh.data", data), ("mesh.fsdp", fsdp)):
+        if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
+            raise ValueError(f"{name}={value!r} must be −1 (all remaining devices) or ≥ 1.")
+    if data == -1 and fsdp == -1:
+        raise ValueError("mesh.data and mesh.fsdp are both −1; set one of them to a size.")
+    other = fsdp if data == -1 else data
+    if num_devices % other:
+        field = "mesh.fsdp" if data == -1 else "mesh.data"
+        raise ValueError(
+            f"{field}={other} does not divide the {num_devices} devices; use a divisor of "
+            f"{num_devices}."
+        )
+    if data == -1:
+        data = num_devices // fsdp
+    elif fsdp == -1:
+        fsdp = num_devices // data
+    if data * fsdp > num_devices:
+        raise ValueError(
+            f"mesh.data={data} × mesh.fsdp={fsdp} = {data * fsdp} devices, but only "
+            f"{num_devices} are visible."
+        )
+    return data, fsdp
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ('data', 'fsdp') mesh over the first data·fsdp devices, process-major."""
+    devices = list(jax.devices() if devices is None else devices)
+    data, fsdp = mesh_shape(data, fsdp, len(devices))
+    devices.sort(key=lambda d: (d.process_index, d.id))
+    return Mesh(np.asarray(devices[: data * fsdp]).reshape(data, fsdp), AXES)
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes a batch is split over (a data-only mesh works too)."""
+    return tuple(a for a in AXES if a in mesh.axis_names)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = MIN_SHARDED_SIZE) -> P:
+    """Where one parameter-shaped array lives: split over 'fsdp' on its largest divisible dim."""
+    if fsdp == 1 or math.prod(shape) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp == 0:
+            return P(*([None] * dim), "fsdp")
+    return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every leaf of a (train-)state pytree by `param_spec`."""
+    fsdp = mesh.shape["fsdp"] if "fsdp" in mesh.axis_names else 1
+    return jax.tree.map(
+        lambda leaf: NamedSharding(mesh, param_spec(tuple(leaf.shape), fsdp)), abstract_state
+    )
