@@ -106,6 +106,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.sample_every = 10_000  # Steps between sample grids (0 disables; also at the end).
     c.train.num_samples = 64  # Images in each sample grid.
     c.train.sample_steps = 100  # DDIM steps for the sample grids.
+    # Steps between evaluations (0 disables; also at the end when on): train.eval_samples DDIM
+    # samples from the first EMA, scored with sample.metric (and its weights/reference files),
+    # written as eval/<metric> beside the training metrics.
+    c.train.eval_every = 0
+    c.train.eval_samples = 1797  # Samples per evaluation (the paper's FID protocol: 50,000).
     # A step whose loss or gradient is not finite is never applied. 'skip': count it (metric
     # skipped_steps) and go on; 'halt': stop with a message naming the step, keeping the
     # checkpoints written before it.

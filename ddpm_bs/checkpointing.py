@@ -20,15 +20,19 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+from ddpm_bs import artifacts
 
 
 class Checkpoints:
     """Saves and restores `{'state': TrainState, 'data': {'step': int}}` in a workdir."""
 
     def __init__(self, workdir: str, *, keep: int = 3, asynchronous: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-        self.unreadable_directory = os.path.join(os.path.abspath(workdir), "checkpoints_unreadable")
+        root = workdir if artifacts.is_remote(workdir) else os.path.abspath(workdir)
+        self.directory = os.path.join(root, "checkpoints")
+        self.unreadable_directory = os.path.join(root, "checkpoints_unreadable")
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -98,8 +102,8 @@ class Checkpoints:
             target,
         )
         if jax.process_index() == 0:
-            os.makedirs(self.unreadable_directory, exist_ok=True)
-            os.replace(os.path.join(self.directory, str(step)), target)
+            epath.Path(self.unreadable_directory).mkdir(parents=True, exist_ok=True)
+            epath.Path(self.directory, str(step)).rename(epath.Path(target))
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"ddpm_bs_set_aside_{step}")
         self.manager.reload()

@@ -110,22 +110,27 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Mode `eval`: scores the newest samples .npz in `<workdir>/samples` (`sample.metric`).
 
-    Appends the result to `<workdir>/eval.jsonl` and returns it.
+    `sample.metric` is one metric or several, comma-separated ('fid,sfid,is'); the Inception
+    metrics read `sample.inception_weights`, and fid/sfid `sample.reference_stats`. All of
+    them are checked before the samples are read. Appends the result to
+    `<workdir>/eval.jsonl` and returns it.
     """
     from ddpm_bs import evaluation
 
-    if config.sample.metric not in evaluation.METRICS:
-        raise ValueError(
-            f"sample.metric={config.sample.metric!r} is unknown; valid metrics: "
-            f"{', '.join(evaluation.METRICS)}."
-        )
+    sc = config.sample
+    metrics = evaluation.check_metric_inputs(sc.metric, sc.inception_weights, sc.reference_stats)
     pattern = os.path.join(workdir, "samples", "*.npz")
     paths = sorted(glob.glob(pattern), key=os.path.getmtime)
     if not paths:
         raise FileNotFoundError(
             f"no samples in {os.path.dirname(pattern)}: run --mode=sample on this workdir first."
         )
-    result = evaluation.evaluate_samples(paths[-1], metric=config.sample.metric)
+    result = evaluation.evaluate_samples(
+        paths[-1],
+        metric=metrics,
+        inception_weights=sc.inception_weights,
+        reference=sc.reference_stats,
+    )
     result["samples"] = os.path.basename(paths[-1])
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.jsonl"), "a") as f:

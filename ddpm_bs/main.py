@@ -37,8 +37,15 @@ def _distributed_args(env) -> dict[str, int]:
     JAX finds the cluster from SLURM, Open MPI or the TPU metadata, and the coordinator from
     JAX_COORDINATOR_ADDRESS; for a hand-launched job (several processes on one host, or hosts
     without a scheduler) JAX_NUM_PROCESSES and JAX_PROCESS_ID complete it.
+    JAX_HEARTBEAT_TIMEOUT_SECONDS shortens the wait before the survivors of a dead process stop.
     """
-    names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+    names = {
+        "num_processes": "JAX_NUM_PROCESSES",
+        "process_id": "JAX_PROCESS_ID",
+        # How long the others wait for a process that stopped answering before they exit
+        # with an error (JAX's default: 100 s).
+        "heartbeat_timeout_seconds": "JAX_HEARTBEAT_TIMEOUT_SECONDS",
+    }
     out = {}
     for arg, name in names.items():
         if env.get(name, "") != "":

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -482,6 +483,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 report(step, time.time())
                 if tc.sample_every > 0 and itstime(step, tc.sample_every, num_steps):
                     _write_samples(trainer, state, step, workdir, writer, is_main)
+                if tc.eval_every > 0 and itstime(step, tc.eval_every, num_steps):
+                    _evaluate(trainer, state, step, writer, is_main)
                 stopping = stop.reached(step)
                 if itstime(step, tc.checkpoint_every, num_steps) or stopping:
                     _check_finite(state, tc.on_nonfinite, ckpt)
@@ -512,24 +515,24 @@ def check_workdir(workdir: str, abstract_state: Any) -> None:
     Raises:
       PermissionError, ValueError: naming --workdir and what to do.
     """
-    existing = os.path.abspath(workdir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract_state))
-    needed = 2 * state_bytes + (64 << 20)  # the save in flight, the one kept, and logs
-    free = shutil.disk_usage(existing).free
-    if free < needed:
-        raise ValueError(
-            f"--workdir={workdir}: {free / 2**30:.2f} GiB free, but a checkpoint of this model "
-            f"takes {state_bytes / 2**30:.2f} GiB and training needs room for two "
-            f"({needed / 2**30:.2f} GiB); free some space or use another --workdir."
-        )
+    if not artifacts.is_remote(workdir):  # an object store has no "disk" to fill
+        existing = os.path.abspath(workdir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract_state))
+        needed = 2 * state_bytes + (64 << 20)  # the save in flight, the one kept, and logs
+        free = shutil.disk_usage(existing).free
+        if free < needed:
+            raise ValueError(
+                f"--workdir={workdir}: {free / 2**30:.2f} GiB free, but a checkpoint of this "
+                f"model takes {state_bytes / 2**30:.2f} GiB and training needs room for two "
+                f"({needed / 2**30:.2f} GiB); free some space or use another --workdir."
+            )
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        probe = epath.Path(workdir) / f".write_test_{jax.process_index()}"
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as e:
         raise PermissionError(
             f"--workdir={workdir} cannot be written ({type(e).__name__}: {e}); choose a "
@@ -600,20 +603,38 @@ def _write_samples(trainer, state, step, workdir, writer, is_main):
         return
     factor = max(1, 32 // images.shape[1])  # small images are enlarged (nearest) to be readable
     grid = sampling.image_grid(images.repeat(factor, axis=1).repeat(factor, axis=2))
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    epath.Path(workdir, "samples").mkdir(parents=True, exist_ok=True)
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
     artifacts.save_png(grid, path)
     writer.write_images(step, {"samples": grid[None]})
     logging.info("Wrote %s", path)
 
 
+def _evaluate(trainer, state, step, writer, is_main):
+    """Scores train.eval_samples DDIM samples of the first EMA with sample.metric."""
+    from ddpm_bs import evaluation
+
+    config = trainer.config
+    n, chunk = config.train.eval_samples, config.train.num_samples  # the grid's compiled size
+    keys = [jax.random.fold_in(trainer.sample_key, 1 + i) for i in range(-(-n // chunk))]
+    images = np.concatenate([trainer.sample(state.ema_params[0], chunk, k) for k in keys])[:n]
+    if not is_main:
+        return
+    result = evaluation.evaluate_images(
+        images,
+        metrics=config.sample.metric,
+        inception_weights=config.sample.inception_weights,
+        reference=config.sample.reference_stats,
+    )
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+    logging.info("Evaluation at step %d: %s", step, result)
+
+
 def _save_config(config, workdir):
     """Writes config.json on the first start; a resumed run keeps the original."""
     path = os.path.join(workdir, "config.json")
-    if jax.process_index() == 0 and not os.path.exists(path):
-        with open(path + ".tmp", "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(path + ".tmp", path)
+    if jax.process_index() == 0 and not epath.Path(path).exists():
+        artifacts.write_bytes(config.to_json_best_effort(indent=2).encode(), path)
 
 
 def _flat_hparams(config) -> dict[str, Any]:

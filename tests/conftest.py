@@ -19,8 +19,15 @@ import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-_CACHE_DIR = tempfile.mkdtemp(prefix="ddpm_bs_jax_cache_")
-atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+# pytest-xdist workers (children of the controller) share the controller's cache directory;
+# the controller, which outlives them, removes it.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+_CACHE_DIR = os.path.join(
+    tempfile.gettempdir(), f"ddpm_bs_jax_cache_{os.getppid() if _WORKER else os.getpid()}"
+)
+os.makedirs(_CACHE_DIR, exist_ok=True)
+if not _WORKER:
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 

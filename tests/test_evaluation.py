@@ -1,6 +1,12 @@
-"""FID math against closed forms and an independent sqrtm route; digits-FID sanity orderings."""
+"""FID math against closed forms and an independent sqrtm route; digits-FID sanity orderings;
+the Inception Score's formula and closed forms; the Inception metrics end to end."""
 
+import json
 import logging
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -200,3 +206,177 @@ def test_evaluate_samples_reads_npz_and_names_bad_arguments(tmp_path, digits):
     np.savez(other, x=samples)
     with pytest.raises(ValueError, match="images"):
         evaluation.evaluate_samples(other)
+
+
+# --------------------------------------------------------------------------------------------
+# Inception Score
+
+
+def _inception_score_reference(probs, split_size):
+    """guided-diffusion's formula, literally: p·(log p − log mean p) per split, in float64."""
+    scores = []
+    for i in range(0, len(probs), split_size):
+        part = probs[i : i + split_size]
+        kl = part * (np.log(part) - np.log(np.mean(part, axis=0, keepdims=True)))
+        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
+    return np.mean(scores)
+
+
+@pytest.mark.parametrize("split_size", [1000, 10, 7])
+def test_inception_score_matches_the_formula_on_a_hand_built_distribution(split_size):
+    rng = np.random.default_rng(6)
+    probs = rng.dirichlet(np.full(5, 0.3), size=30) + 1e-12  # peaked rows, none exactly 0
+    probs /= probs.sum(axis=1, keepdims=True)
+    expected = _inception_score_reference(probs, split_size)
+    got = evaluation.inception_score(np.log(probs) + 3.0, split_size=split_size)  # logits
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    assert 1.0 < got < 5.0
+
+
+def test_inception_score_closed_forms():
+    k = 8
+    assert evaluation.inception_score(np.zeros((12, k))) == pytest.approx(1.0, abs=1e-12)
+    same = np.tile(np.log([0.7, 0.2, 0.1]), (9, 1))  # every image predicts the same p(y|x)
+    assert evaluation.inception_score(same) == pytest.approx(1.0, abs=1e-12)
+    one_hot = np.where(np.eye(k, dtype=bool), 0.0, -1e4)  # p(y|x_i) = e_i: IS = #classes
+    assert evaluation.inception_score(one_hot) == pytest.approx(k, rel=1e-12)
+    two_splits = np.concatenate([one_hot, one_hot[:4]])  # splits of 8 and 4 → mean(8, 4)
+    assert evaluation.inception_score(two_splits, split_size=k) == pytest.approx(6.0, rel=1e-12)
+
+
+def test_parse_metrics_reads_comma_lists_and_names_the_field():
+    assert evaluation.parse_metrics("fid, sfid,is,fid") == ("fid", "sfid", "is")
+    assert evaluation.parse_metrics(["digits_fid"]) == ("digits_fid",)
+    with pytest.raises(ValueError, match=r"sample.metric='fid,kid'.*'kid'.*digits_fid, fid"):
+        evaluation.parse_metrics("fid,kid")
+    with pytest.raises(ValueError, match="sample.metric"):
+        evaluation.parse_metrics(" , ")
+
+
+def test_streamed_moments_match_statistics():
+    rng = np.random.default_rng(7)
+    feats = rng.normal(size=(50, 6)) * [1, 2, 3, 1, 1, 1] + 1e3  # a large offset
+    moments = evaluation._Moments()
+    for start in range(0, 50, 16):
+        moments.add(feats[start : start + 16].astype(np.float32))
+    mu, sigma = moments.result()
+    mu_ref, sigma_ref = evaluation.statistics(feats.astype(np.float32))
+    np.testing.assert_allclose(mu, mu_ref, rtol=1e-12)
+    np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference statistics and the Inception metrics end to end (random Inception weights)
+
+
+def test_reference_files_guided_diffusion_batches_and_their_errors(tmp_path):
+    rng = np.random.default_rng(8)
+    stats = evaluation.ReferenceStats(
+        rng.normal(size=2048), np.eye(2048), rng.normal(size=2023), np.eye(2023)
+    )
+    ours = tmp_path / "ref.npz"
+    evaluation.save_reference(ours, stats, num_images=7, data="digits")
+    loaded = evaluation.load_reference(ours)
+    for a, b in zip(loaded, stats, strict=True):
+        np.testing.assert_array_equal(a, b)
+    virtual = tmp_path / "VIRTUAL_batch.npz"  # guided-diffusion: images beside the statistics
+    np.savez(virtual, arr_0=np.zeros((2, 8, 8, 3), np.uint8), **stats._asdict())
+    np.testing.assert_array_equal(evaluation.load_reference(virtual).mu_s, stats.mu_s)
+    no_spatial = tmp_path / "no_spatial.npz"
+    evaluation.save_statistics(no_spatial, stats.mu, stats.sigma)
+    with pytest.raises(ValueError, match="no 'mu_s'/'sigma_s'.*--reference_stats"):
+        evaluation._check_reference_dims(evaluation.load_reference(no_spatial), ["sfid"], "ref")
+    digits_stats = evaluation.ReferenceStats(np.zeros(128), np.eye(128))
+    with pytest.raises(ValueError, match=r"pool3 statistics \[2048\]"):
+        evaluation._check_reference_dims(digits_stats, ["fid"], "ref")
+    images_only = tmp_path / "images_only.npz"
+    np.savez(images_only, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(FileNotFoundError, match="only images.*sample.inception_weights"):
+        evaluation.load_reference(images_only)
+
+
+def test_inception_metrics_check_their_inputs_before_any_work(tmp_path, monkeypatch):
+    def no_features(*args, **kwargs):
+        raise AssertionError("features computed before the inputs were checked")
+
+    monkeypatch.setattr(evaluation.inception, "features", no_features)
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    with pytest.raises(FileNotFoundError, match="not set.*sample.inception_weights.*--convert"):
+        evaluation.evaluate_images(images, metrics="is")
+    weights = tmp_path / "w.npz"
+    weights.write_bytes(b"")  # exists; the reference check comes first
+    with pytest.raises(FileNotFoundError, match="sample.reference_stats.*--reference_stats"):
+        evaluation.evaluate_images(images, metrics="fid,is", inception_weights=weights)
+    with pytest.raises(ValueError, match="uint8.*to_uint8"):
+        evaluation.evaluate_images(images.astype(np.float32), metrics="digits_fid")
+    with pytest.raises(ValueError, match="sample.metric"):
+        evaluation.evaluate_images(images, metrics="fid_inf")
+
+
+@pytest.fixture(scope="module")
+def inception_files(tmp_path_factory):
+    """Random Inception weights in the converted format, and digits reference statistics
+    written by the CLI (`--reference_stats`) from the first 3 digits."""
+    from ddpm_bs import inception
+
+    root = tmp_path_factory.mktemp("inception")
+    weights, reference = root / "inception_fid.npz", root / "digits_reference.npz"
+    inception.save_params(weights, inception.random_params(seed=1))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ddpm_bs.evaluation",
+            "--reference_stats",
+            "--config=configs/digits.py",
+            f"--inception_weights={weights}",
+            f"--out={reference}",
+            "--max_images=3",
+            "--batch_size=2",
+        ],
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1])["num_images"] == 3
+    return weights, reference
+
+
+def test_run_eval_scores_fid_sfid_is_against_a_reference_file(inception_files, tmp_path, digits):
+    from configs import digits as digits_config
+    from ddpm_bs import generate
+
+    weights, reference = inception_files
+    with np.load(reference) as f:
+        assert f["mu"].shape == (2048,) and f["sigma_s"].shape == (2023, 2023)
+        assert int(f["num_images"]) == 3
+        assert np.trace(f["sigma"]) > 1e-2 and np.trace(f["sigma_s"]) > 1e-2  # features vary
+    config = digits_config.get_config()
+    config.sample.metric = "fid,sfid,is"
+    config.sample.inception_weights = str(weights)
+    config.sample.reference_stats = str(reference)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    same = np.round((digits[0][:3] + 1.0) * 127.5).astype(np.uint8)  # the reference's images
+    np.savez(samples / "ddim4_step00000001.npz", images=same)
+    result = generate.run_eval(config, str(tmp_path))
+    assert set(result) == {"fid", "sfid", "is", "num_samples", "samples"}
+    assert result["num_samples"] == 3 and result["fid"] < 1e-6 and result["sfid"] < 1e-6
+    assert 1.0 <= result["is"] <= 3.0  # at most the number of samples in the split
+    assert (tmp_path / "eval.jsonl").read_text().count('"sfid"') == 1
+
+
+def test_run_eval_checks_inception_inputs_before_reading_samples(tmp_path):
+    from configs import digits as digits_config
+    from ddpm_bs import generate
+
+    config = digits_config.get_config()
+    config.sample.metric = "digits_fid,is"  # no samples in tmp_path either: weights come first
+    with pytest.raises(FileNotFoundError, match="sample.inception_weights"):
+        generate.run_eval(config, str(tmp_path))
+    config.sample.metric = "fid,dice"
+    with pytest.raises(ValueError, match="sample.metric='fid,dice'"):
+        generate.run_eval(config, str(tmp_path))

@@ -194,3 +194,14 @@ def test_distributed_runtime_starts_only_when_launched_multiprocess(env, expecte
     from ddpm_bs import main
 
     assert main._launched_multiprocess(env) is expected
+
+
+def test_training_evaluates_every_n_steps(tmp_path, caplog):
+    config = _tiny(
+        train__num_steps=4, train__eval_every=2, train__eval_samples=6, train__num_samples=4
+    )
+    with caplog.at_level("INFO"):
+        train.train_and_evaluate(config, str(tmp_path))
+    results = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Evaluation")]
+    assert [m.split(":")[0] for m in results] == ["Evaluation at step 2", "Evaluation at step 4"]
+    assert all("'digits_fid':" in m and "'num_samples': 6" in m for m in results), results
