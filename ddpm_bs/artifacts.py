@@ -38,7 +38,7 @@ def write_bytes(data: bytes, path: str | os.PathLike) -> None:
     """Writes `data` to `path` through a temporary file and a rename."""
     tmp = epath.Path(os.fspath(path) + ".tmp")
     tmp.write_bytes(data)
-    tmp.rename(epath.Path(path))  # atomic on a local filesystem; a copy on object stores
+    tmp.replace(epath.Path(path))  # atomic on a local filesystem; a copy on object stores
 
 
 def write_json(obj: Any, path: str, indent: int = 1) -> None:
