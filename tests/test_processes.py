@@ -80,7 +80,7 @@ class Run:
             if m:
                 self.last_step = int(m.group(1))
 
-    def wait(self, timeout=300):
+    def wait(self, timeout=480):
         rc = self.proc.wait(timeout)
         self._reader.join(10)
         return rc
@@ -132,7 +132,7 @@ def test_killed_at_random_points_and_resumed_ends_bitwise_equal(tmp_path, cache_
             break
         resumed_at = max(_steps(workdir), default=0)
         target = resumed_at + int(rng.integers(1, 5))
-        deadline = time.time() + 240
+        deadline = time.time() + 480
         while run.proc.poll() is None and time.time() < deadline:
             if kind == "sigkill_during_write":
                 if run.last_step > resumed_at and _writing(workdir / "checkpoints"):
@@ -215,10 +215,10 @@ def test_killing_one_process_stops_the_other_with_a_message(tmp_path, cache_dir)
         heartbeat_timeout=10,
         **{"train.num_steps": 100_000, "mesh.data": -1},
     )
-    deadline = time.time() + 240
-    while runs[1].last_step < 2 and time.time() < deadline and runs[1].proc.poll() is None:
+    deadline = time.time() + 480  # both compile first; slow when the suite's other worker is busy
+    while runs[1].last_step < 1 and time.time() < deadline and runs[1].proc.poll() is None:
         time.sleep(0.05)
-    assert runs[1].last_step >= 2, runs[1].text()[-3000:]
+    assert runs[1].last_step >= 1, runs[1].text()[-3000:]
     runs[1].proc.kill()
     start = time.time()
     rc = runs[0].wait(timeout=120)  # a hang would raise TimeoutExpired here
