@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+METRICS_FILE = "metrics.jsonl"  # written by metric_log.JsonlWriter during training
+
 
 def json_safe(obj: Any) -> Any:
     """NaN/inf become None (strict JSON); numpy scalars become Python; containers are walked."""
@@ -55,3 +57,68 @@ def save_png(image: np.ndarray, path: str) -> None:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     write_bytes(buffer.getvalue(), path)
+
+
+def save_figure(fig: Any, path: str, dpi: int = 120) -> None:
+    """A matplotlib Figure to a PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    write_bytes(buffer.getvalue(), path)
+
+
+def append_jsonl(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Appends one JSON line per record to `path` (created if absent).
+
+    Local files are appended to; object stores cannot append, so there the file is rewritten
+    (it stays small: a line per logged step or per finished run).
+    """
+    if not records:
+        return
+    text = "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in records)
+    if is_remote(path):
+        p = epath.Path(path)
+        old = p.read_text() if p.exists() else ""
+        write_bytes((old + text).encode(), path)
+        return
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; [] when it does not exist.
+
+    A last line cut short by a crash mid-append is ignored; a bad line elsewhere raises.
+    """
+    p = epath.Path(path)
+    if not p.exists():
+        return []
+    lines = p.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}, line {i + 1}, is not JSON: {line[:80]!r}") from None
+    return records
+
+
+def read_metrics(workdir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The series of `<workdir>/metrics.jsonl`: {name: float64 [n, 2] rows of (step, value)}.
+
+    Steps ascend; the last value written for a step wins (a resumed run rewrites the steps it
+    redid).
+    """
+    series: dict[str, dict[int, float]] = {}
+    for record in read_jsonl(os.path.join(os.fspath(workdir), METRICS_FILE)):
+        step = int(record["step"])
+        for name, value in record.items():
+            if name != "step":
+                series.setdefault(name, {})[step] = np.nan if value is None else value
+    return {
+        name: np.array(sorted(values.items()), dtype=np.float64).reshape(-1, 2)
+        for name, values in series.items()
+    }

@@ -60,13 +60,23 @@ class Checkpoints:
             force=force,
         )
 
-    def restore(self, abstract_state: Any) -> tuple[Any, dict[str, int]]:
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, int]]:
         """Restores the newest readable step into `abstract_state`'s structure and shardings.
+
+        An unreadable step is moved aside and the one before it tried. With `step`, that step
+        only is restored, and an error reading it is raised (nothing is moved).
 
         Raises:
           ValueError: naming the checkpoint when its arrays do not fit the configured model.
-          FileNotFoundError: when no step can be read.
+          FileNotFoundError: when no step can be read, or `step` is not there.
         """
+        if step is not None:
+            if step not in self.manager.all_steps():
+                raise FileNotFoundError(f"{self.directory} has no checkpoint step {step}.")
+            check_compatible(
+                self.manager.item_metadata(step)["state"], abstract_state, self.directory
+            )
+            return self._read(step, abstract_state)
         for step in sorted(self.manager.all_steps(), reverse=True):
             restored, error = None, None
             try:
@@ -76,20 +86,23 @@ class Checkpoints:
             if error is None:
                 check_compatible(metadata, abstract_state, self.directory)  # not a damage
                 try:
-                    restored = self.manager.restore(
-                        step,
-                        args=ocp.args.Composite(
-                            state=ocp.args.StandardRestore(abstract_state),
-                            data=ocp.args.JsonRestore(),
-                        ),
-                    )
+                    restored = self._read(step, abstract_state)
                 except Exception as e:
                     error = e
             if _all_processes(error is None):
                 logging.info("Restored checkpoint step %d from %s", step, self.directory)
-                return restored["state"], dict(restored["data"])
+                return restored
             self._set_aside(step, error)
         raise FileNotFoundError(f"{self.directory} holds no readable checkpoint.")
+
+    def _read(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, int]]:
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], dict(restored["data"])
 
     def _set_aside(self, step: int, error: Exception | None) -> None:
         target = os.path.join(self.unreadable_directory, f"{step}-{int(time.time())}")

@@ -72,6 +72,7 @@ REFERENCE_COMMAND = (
 )
 DIGITS_FEATURES_PATH = pathlib.Path(__file__).resolve().parent / "assets" / "digits_features.npz"
 DIGITS_SIZE = 8  # digits-FID compares images at 8×8, one channel
+NUM_DIGITS = 1797  # scikit-learn's digits: the reference set of digits_fid
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L") and data.py use
 _PARAMS_PREFIX = "params/"
 
@@ -245,10 +246,16 @@ class DigitsNet(nn.Module):
         return logits, feats
 
 
+@functools.cache
 def _digits_dataset() -> tuple[np.ndarray, np.ndarray]:
-    """All 1,797 digits as the diffusion model sees them: [1797, 8, 8, 1] in [−1, 1], labels."""
+    """All 1,797 digits as the diffusion model sees them: [1797, 8, 8, 1] in [−1, 1], labels.
+
+    Loaded once per process; the arrays are read-only.
+    """
     spec = data.DataSpec(name="digits", image_size=DIGITS_SIZE, channels=1, random_flip=False)
     images, labels = data.load_all(spec, with_labels=True)
+    images.setflags(write=False)
+    labels.setflags(write=False)
     return images, labels
 
 
@@ -450,7 +457,7 @@ def digits_fid(
     feats = digits_features(images)
     if feats.shape[0] < 2:
         raise ValueError(f"images: need at least 2 images for a covariance, got {feats.shape[0]}.")
-    warn_if_few_samples(feats.shape[0], len(_digits_dataset()[1]), "digits_fid")
+    warn_if_few_samples(feats.shape[0], NUM_DIGITS, "digits_fid")
     mu, sigma = statistics(feats)
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 

@@ -13,7 +13,6 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -38,8 +37,12 @@ def restore_ema_params(trainer: train.Trainer, workdir: str, rate_index: int = 0
     return state.ema_params[rate_index], int(state.step)
 
 
-def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Samples `config.sample.num_samples` images; returns the path of the .npz written."""
+def draw(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Draws `config.sample.num_samples` images from the workdir's latest EMA params.
+
+    Returns uint8 images [N, H, W, C], int32 labels [N] ([0] when unconditional) and the
+    checkpoint's step; writes nothing.
+    """
     sc = config.sample
     if sc.method not in sampling.METHODS:
         raise ValueError(
@@ -90,13 +93,22 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
         logging.info("Sampled %d / %d", min((chunk + 1) * batch, sc.num_samples), sc.num_samples)
     images = np.concatenate(images)[: sc.num_samples]
     labels = np.concatenate(labels)[: sc.num_samples] if labels else np.zeros((0,), np.int32)
+    return images, labels.astype(np.int32), step
 
+
+def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Samples `config.sample.num_samples` images; returns the path of the .npz written."""
+    sc = config.sample
+    images, labels, step = draw(config, workdir)
     out_dir = os.path.join(workdir, "samples")
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{sc.method}{sc.steps}_step{step:08d}")
+    name = f"{sc.method}{sc.steps}"
+    if sc.method in ("ddim", "ddpm") and (sc.eps_scale_k, sc.eps_scale_b) != (0.0, 1.0):
+        name += f"_es{sc.eps_scale_k:g}_{sc.eps_scale_b:g}"  # beside the unscaled set, not over it
+    stem = os.path.join(out_dir, f"{name}_step{step:08d}")
     if jax.process_index() == 0:
         with open(stem + ".npz.tmp", "wb") as f:
-            np.savez(f, images=images, labels=labels.astype(jnp.int32))
+            np.savez(f, images=images, labels=labels)
         os.replace(stem + ".npz.tmp", stem + ".npz")
         grid = images[:64]
         factor = max(1, 32 // grid.shape[1])

@@ -1126,7 +1126,7 @@ def _plot_schedules(result: dict[str, Any], path: str) -> None:
         ax.set_title({"model": "trained model", "optimal": "optimal denoiser"}[name])
         ax.legend()
     fig.tight_layout()
-    _save_figure(fig, path)
+    artifacts.save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1339,12 +1339,6 @@ def _analyse(trajectories: dict[str, Trajectory], images: np.ndarray) -> dict[st
 # Output
 
 
-def _save_figure(fig, path: str) -> None:
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png", dpi=120)
-    os.replace(tmp, path)
-
-
 def _plot_all(heun: dict[str, Trajectory], out_dir: str) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
@@ -1368,7 +1362,7 @@ def _plot_all(heun: dict[str, Trajectory], out_dir: str) -> None:
     ax.set_title("Quasi-linear sampling trajectories")
     ax.legend()
     fig.tight_layout()
-    _save_figure(fig, os.path.join(out_dir, "chord_deviation.png"))
+    artifacts.save_figure(fig, os.path.join(out_dir, "chord_deviation.png"))
 
     # 2. Distance to the final sample vs σ.
     fig = Figure(figsize=(6, 4))
@@ -1400,7 +1394,7 @@ def _plot_all(heun: dict[str, Trajectory], out_dir: str) -> None:
     ax.set_title("The denoising trajectory converges first")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, os.path.join(out_dir, "convergence.png"))
+    artifacts.save_figure(fig, os.path.join(out_dir, "convergence.png"))
 
     # 3. 2-D PCA projection of a few trajectories.
     traj = jax.device_get(next(iter(heun.values())))
@@ -1429,7 +1423,7 @@ def _plot_all(heun: dict[str, Trajectory], out_dir: str) -> None:
         fontsize=10,
     )
     fig.tight_layout()
-    _save_figure(fig, os.path.join(out_dir, "trajectories_pca.png"))
+    artifacts.save_figure(fig, os.path.join(out_dir, "trajectories_pca.png"))
 
     # 4. Turn of the sampling trajectory vs change of the denoising output.
     fig = Figure(figsize=(5, 4))
@@ -1450,4 +1444,4 @@ def _plot_all(heun: dict[str, Trajectory], out_dir: str) -> None:
     ax.set_title("Curvature follows the denoising trajectory")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, os.path.join(out_dir, "curvature.png"))
+    artifacts.save_figure(fig, os.path.join(out_dir, "curvature.png"))

@@ -824,9 +824,7 @@ def _plot(curve: W2Curve, located: Located, delta: float, path: str) -> None:
         f"n = {curve.num_a}/{curve.num_b}, d = {curve.dim})",
         fontsize=10,
     )
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
+    artifacts.save_figure(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------------------------

@@ -456,8 +456,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # clu imports TensorFlow (seconds on a small CPU): only once the run is known to be good.
     from clu import metric_writers, periodic_actions
 
+    from ddpm_bs import metric_log
+
     is_main = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    if is_main:
+        writer = metric_writers.MultiWriter([writer, metric_log.JsonlWriter(workdir)])
     _save_config(config, workdir)
     if state is None:
         state = trainer.init()

@@ -33,6 +33,18 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 @pytest.fixture
+def conv_denoiser(monkeypatch):
+    """Trainers built in this test use support.ConvDenoiser instead of the U-Net."""
+    from support import ConvDenoiser
+
+    from ddpm_bs import train
+
+    monkeypatch.setattr(
+        train, "build_model", lambda config: ConvDenoiser(dropout=config.model.dropout)
+    )
+
+
+@pytest.fixture
 def run_bench():
     """Runs `python bench/<script> <args>` from the repo root on one CPU device.
 

@@ -1,16 +1,14 @@
 """Mode `sample`: images from a workdir's checkpoint, written as .npz and a grid PNG."""
 
-import importlib
-
 import numpy as np
 import pytest
+from support import smoke_config
 
-from configs import default
 from ddpm_bs import generate, train
 
 
 def _config():
-    c = default.smoke(importlib.import_module("configs.digits").get_config())
+    c = smoke_config()  # the suite's shared train step: compiled once
     c.train.num_steps = 2
     c.sample.num_samples = 10
     c.sample.batch_size = 8  # two chunks; the last is trimmed
@@ -18,7 +16,7 @@ def _config():
     return c
 
 
-def test_sample_mode_writes_reproducible_images(tmp_path):
+def test_sample_mode_writes_reproducible_images(tmp_path, conv_denoiser):
     config = _config()
     train.train_and_evaluate(config, str(tmp_path))
     config.sample.method = "dpm_solver++"

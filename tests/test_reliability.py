@@ -1,9 +1,7 @@
 """Faults during training: non-finite steps, signals, damaged checkpoints, bad workdirs."""
 
 import glob
-import importlib
 import os
-import pathlib
 import shutil
 import signal
 
@@ -12,34 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from support import assert_bitwise_equal, checkpoint_steps, host_copy, smoke_config
 
-from configs import default
 from ddpm_bs import checkpointing, data, train
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _tiny(**overrides):
-    c = default.smoke(importlib.import_module("configs.digits").get_config())
-    c.model.dropout = 0.1
-    for dotted, value in overrides.items():
-        section, field = dotted.split("__")
-        c[section][field] = value
-    return c
-
-
-def _steps(workdir):
-    return sorted(int(os.path.basename(p)) for p in glob.glob(f"{workdir}/checkpoints/*"))
-
-
-def _host_copy(tree):
-    """Host copies (device_get may alias CPU buffers that a later donated step overwrites)."""
-    return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
-
-
-def _assert_bitwise_equal(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+# The loop, checkpoints and faults do not depend on the network: these run on a two-conv
+# stand-in (support.ConvDenoiser). Bitwise resume of the U-Net itself is tested from the
+# command line in test_processes.py.
+pytestmark = pytest.mark.usefixtures("conv_denoiser")
 
 
 @pytest.fixture
@@ -64,47 +42,47 @@ def nan_at_step(monkeypatch):
 
 
 def test_a_non_finite_step_is_skipped_on_device_and_counted():
-    config = _tiny(optim__warmup_steps=0)  # (skipped steps do not advance the lr schedule)
+    config = smoke_config(optim__warmup_steps=0)  # (skipped steps do not advance the lr schedule)
     trainer = train.Trainer(config, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
     loader = data.build(data.DataSpec.from_config(config.data), seed=0, global_batch_size=8)
     batch = loader.batch_at(0)
     batch["image"][3] = np.nan  # one bad example poisons the mean loss
     state = trainer.init()
-    before = _host_copy(state)
+    before = host_copy(state)
     state, metrics = trainer.step(state, jax.device_put(batch), trainer.train_key)
-    after = _host_copy(state)
+    after = host_copy(state)
     assert not np.isfinite(metrics["loss"])
     assert (int(after.step), int(after.skipped_steps), int(after.first_skipped_step)) == (1, 1, 1)
     for name in ("params", "ema_params", "opt_state"):
-        _assert_bitwise_equal(getattr(before, name), getattr(after, name))
+        assert_bitwise_equal(getattr(before, name), getattr(after, name))
     # A finite step afterwards is applied again, and the count stays.
     state, _ = trainer.step(state, jax.device_put(loader.batch_at(1)), trainer.train_key)
-    after2 = _host_copy(state)
+    after2 = host_copy(state)
     assert (int(after2.skipped_steps), int(after2.first_skipped_step)) == (1, 1)
     changed = [
         not np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves(after2.params), jax.tree.leaves(after.params), strict=True)
     ]
-    assert any(changed)  # (at init only the zero-initialised output conv gets gradients)
+    assert any(changed)  # the finite step is applied
 
 
 def test_halt_on_a_non_finite_step_keeps_the_last_good_checkpoint(tmp_path, nan_at_step):
     nan_at_step(2)  # the batch of step 3 (1-based)
-    config = _tiny(train__num_steps=6, train__on_nonfinite="halt")
+    config = smoke_config(train__num_steps=6, train__on_nonfinite="halt")
     with pytest.raises(
         train.TrainingHalted, match=r"not finite at step 3 .*last good checkpoint is step 2"
     ):
         train.train_and_evaluate(config, str(tmp_path))
-    assert _steps(tmp_path) == [2]
+    assert checkpoint_steps(tmp_path) == [2]
 
 
 def test_skip_on_a_non_finite_step_trains_on_and_saves_finite_params(tmp_path, nan_at_step):
     nan_at_step(2)
-    state = train.train_and_evaluate(_tiny(train__num_steps=6), str(tmp_path))
+    state = train.train_and_evaluate(smoke_config(train__num_steps=6), str(tmp_path))
     assert (int(state.step), int(state.skipped_steps), int(state.first_skipped_step)) == (6, 1, 3)
-    assert _steps(tmp_path) == [2, 4, 6]
+    assert checkpoint_steps(tmp_path) == [2, 4, 6]
     ckpt = checkpointing.Checkpoints(str(tmp_path), asynchronous=False)
-    saved, _ = ckpt.restore(train.Trainer(_tiny()).abstract_state)
+    saved, _ = ckpt.restore(train.Trainer(smoke_config()).abstract_state)
     ckpt.close()
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved.params))
 
@@ -123,12 +101,12 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch, 
         return batch_at(self, step)
 
     monkeypatch.setattr(data.Pipeline, "batch_at", signal_once_at_step_5)
-    config = _tiny(train__num_steps=50, train__checkpoint_every=0)  # no periodic checkpoints
+    config = smoke_config(train__num_steps=50, train__checkpoint_every=0)  # no periodic checkpoints
     previous = signal.getsignal(signum)
     stopped = train.train_and_evaluate(config, str(tmp_path / "b"))
     assert signal.getsignal(signum) is previous  # handlers are restored
     stop = int(stopped.step)
-    assert 3 <= stop < 50 and _steps(tmp_path / "b") == [stop]
+    assert 3 <= stop < 50 and checkpoint_steps(tmp_path / "b") == [stop]
 
 
 # --- Damaged checkpoints ----------------------------------------------------------------------
@@ -148,22 +126,21 @@ def _damage(step_dir):
             f.truncate(size // 2)
 
 
-def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_resumes(tmp_path, caplog):
-    config = _tiny(train__num_steps=4, train__checkpoint_every=2)
-    train.train_and_evaluate(config, str(tmp_path / "b"))
-    _damage(tmp_path / "b" / "checkpoints" / "4")
+def test_resume_is_bitwise_equal_even_past_a_damaged_checkpoint(tmp_path, caplog):
+    config = smoke_config(train__num_steps=4, train__checkpoint_every=2)
+    straight = host_copy(train.train_and_evaluate(config, str(tmp_path)))
+    assert checkpoint_steps(tmp_path) == [2, 4]
+    _damage(tmp_path / "checkpoints" / "4")
 
-    config = _tiny(train__num_steps=6, train__checkpoint_every=2)
     with caplog.at_level("WARNING"):
-        resumed = train.train_and_evaluate(config, str(tmp_path / "b"))
+        resumed = train.train_and_evaluate(config, str(tmp_path))
     assert any(
         "step 4" in r.getMessage() and "cannot be read" in r.getMessage() for r in caplog.records
     )
-    aside = glob.glob(str(tmp_path / "b" / "checkpoints_unreadable" / "4-*"))
+    aside = glob.glob(str(tmp_path / "checkpoints_unreadable" / "4-*"))
     assert len(aside) == 1  # kept for inspection, not deleted
-    assert _steps(tmp_path / "b") == [2, 4, 6]  # step 4 was trained again from step 2
-    straight = train.train_and_evaluate(config, str(tmp_path / "a"))
-    _assert_bitwise_equal(straight, resumed)
+    assert checkpoint_steps(tmp_path) == [2, 4]  # step 4 trained again from step 2: params,
+    assert_bitwise_equal(straight, resumed)  # EMA, Adam state, data position and keys resume
 
 
 # --- Workdir --------------------------------------------------------------------------------
@@ -173,20 +150,20 @@ def test_an_unwritable_workdir_is_reported_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the workdir should be")
     with pytest.raises(train.SetupError, match=r"--workdir=.*cannot be written"):
-        train.train_and_evaluate(_tiny(), str(blocker / "run"))
+        train.train_and_evaluate(smoke_config(), str(blocker / "run"))
 
 
 def test_a_full_disk_is_reported_before_training(tmp_path, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=10 << 20))
     with pytest.raises(train.SetupError, match=r"0\.01 GiB free.*room for two"):
-        train.train_and_evaluate(_tiny(), str(tmp_path / "run"))
+        train.train_and_evaluate(smoke_config(), str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_the_skipped_count_survives_a_resume(tmp_path, nan_at_step):
     nan_at_step(0)
-    train.train_and_evaluate(_tiny(train__num_steps=2), str(tmp_path))
-    state = train.train_and_evaluate(_tiny(train__num_steps=4), str(tmp_path))
+    train.train_and_evaluate(smoke_config(train__num_steps=2), str(tmp_path))
+    state = train.train_and_evaluate(smoke_config(train__num_steps=4), str(tmp_path))
     assert (int(state.skipped_steps), int(state.first_skipped_step)) == (1, 1)
     assert jnp.all(jnp.isfinite(jax.tree.leaves(state.params)[0]))

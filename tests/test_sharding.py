@@ -66,7 +66,7 @@ def _step(config):
     batch = jax.device_put(loader.batch_at(0), trainer.batch_sharding)
     state = trainer.init()
     compiled = trainer.step.lower(state, batch, trainer.train_key).compile()
-    state, metrics = trainer.step(state, batch, trainer.train_key)
+    state, metrics = compiled(state, batch, trainer.train_key)
     return trainer, compiled, jax.device_get(state), jax.device_get(metrics)
 
 

@@ -1,0 +1,284 @@
+"""The experiments of `experiments/REPORT.md`, each a list of runs built for a size.
+
+A run is a named set of config overrides on `configs/digits.py` and one of three kinds:
+'train' (train and evaluate digits-FID along the way), 'locate' (the W₂ curve and t_δ of
+two digit classes) or 'sample' (score a trained run's EMA with one sampler and step count).
+Sizes:
+
+  test  a handful of steps on a one-level U-Net, one value per grid: the test suite runs it;
+  cpu   the digits' native 8×8 on the quick-start model, about 1.5 hours for everything on a
+        2-core CPU (the figures in REPORT.md so far);
+  gpu   digits upsampled to 32×32 on a larger U-Net, sized to the device's time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_collections
+
+from configs import digits
+
+UNIFORM = {"timesteps.sampler": "uniform"}
+BS = {"timesteps.sampler": "bernoulli", "timesteps.p": 0.8, "timesteps.t_delta": 800}
+METHODS = {"uniform": UNIFORM, "bs": BS}
+# Table 3's samplers. Epsilon Scaling divides ε̂ by b at every step of ancestral (DDPM)
+# sampling, as ADM-ES does; b = 1.017 is its CIFAR-10 setting, not tuned for digits.
+SAMPLERS = {
+    "ddim": {"sample.method": "ddim"},
+    "eps_scaling": {
+        "sample.method": "ddpm",
+        "sample.eps_scale_k": 0.0,
+        "sample.eps_scale_b": 1.017,
+    },
+    "dpm_solver": {"sample.method": "dpm_solver"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """How big each experiment's runs are, and which grid values they cover."""
+
+    name: str
+    overrides: Mapping[str, Any]  # on configs/digits.py, for every training run
+    seeds: tuple[int, ...]  # the speedup experiment (Tables 1 and 4)
+    other_seeds: tuple[int, ...]  # ablations, combinations, timestep samplers
+    schedules: tuple[str, ...]
+    p_values: tuple[float, ...]
+    t_fractions: tuple[float, ...]
+    weightings: tuple[str, ...]
+    timestep_samplers: tuple[str, ...]
+    sampler_steps: tuple[int, ...]
+    sampler_samples: int  # images scored per (model, sampler, steps)
+    ot_pairs: tuple[tuple[int, int], ...]
+    ot_overrides: Mapping[str, Any]  # interval.* for the OT-decay curves
+
+
+_CPU_MODEL = {"data.image_size": 8}  # configs/digits.py's quick-start U-Net, 8×8
+
+SIZES = {
+    "test": Size(
+        name="test",
+        overrides={
+            # One level, one residual block: compiles in seconds (the plumbing is under test).
+            "model.model_channels": 32,
+            "model.channel_mult": (1,),
+            "model.num_res_blocks": 1,
+            "model.attention_resolutions": (),
+            "model.num_heads": 1,
+            "mesh.data": 1,  # a checkpoint from 1 device writes 3× faster than from 8 on a CPU
+            "train.batch_size": 8,
+            "train.num_steps": 2,
+            "train.eval_every": 1,
+            "train.eval_samples": 16,
+            "train.num_samples": 8,
+            "train.sample_steps": 4,
+            "interval.num_images": 40,
+            "interval.num_t": 8,
+            "interval.num_seeds": 1,
+        },
+        seeds=(0,),
+        other_seeds=(0,),
+        schedules=("cosine",),
+        p_values=(0.5,),
+        t_fractions=(0.6,),
+        weightings=("p2",),
+        timestep_samplers=("lognormal",),
+        sampler_steps=(4,),
+        sampler_samples=16,
+        ot_pairs=((0, 1),),
+        ot_overrides={"interval.num_images": 40, "interval.num_t": 8, "interval.num_seeds": 1},
+    ),
+    "cpu": Size(
+        name="cpu",
+        overrides={
+            **_CPU_MODEL,
+            "train.batch_size": 64,
+            "train.num_steps": 500,
+            "train.eval_every": 100,
+            "train.eval_samples": 400,
+            "train.num_samples": 100,
+            "train.sample_steps": 20,
+        },
+        seeds=(0, 1, 2),
+        other_seeds=(0,),
+        schedules=("linear", "cosine"),
+        p_values=(0.3, 0.5, 0.7, 0.8, 0.9),
+        t_fractions=(0.5, 0.6, 0.7, 0.8, 0.9),
+        weightings=("p2", "min_snr", "debias"),
+        timestep_samplers=("lognormal", "logit_normal", "loss_aware"),
+        sampler_steps=(10, 25, 50, 100),
+        sampler_samples=400,
+        ot_pairs=((0, 1), (1, 7), (3, 8), (4, 9), (5, 6)),
+        ot_overrides={},
+    ),
+    "gpu": Size(
+        name="gpu",
+        overrides={
+            "data.image_size": 32,
+            "model.model_channels": 64,
+            "model.channel_mult": (1, 2, 2),
+            "model.num_res_blocks": 2,
+            "model.attention_resolutions": (16,),
+            "model.num_heads": 4,
+            "model.dropout": 0.1,
+            "model.dtype": "bfloat16",
+            "optim.lr": 1e-3,
+            "optim.warmup_steps": 200,
+            "train.batch_size": 128,
+            "train.num_steps": 3000,
+            "train.eval_every": 250,
+            "train.eval_samples": 1797,
+            "train.num_samples": 600,
+            "train.sample_steps": 50,
+            "train.ema_rates": (0.999,),
+        },
+        seeds=(0, 1, 2),
+        other_seeds=(0, 1, 2),
+        schedules=("linear", "cosine"),
+        p_values=(0.3, 0.5, 0.7, 0.8, 0.9),
+        t_fractions=(0.5, 0.6, 0.7, 0.8, 0.9),
+        weightings=("p2", "min_snr", "debias"),
+        timestep_samplers=("lognormal", "logit_normal", "loss_aware"),
+        sampler_steps=(10, 25, 50, 100),
+        sampler_samples=1797,
+        ot_pairs=((0, 1), (1, 7), (3, 8), (4, 9), (5, 6)),
+        ot_overrides={"data.image_size": 32},
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run of an experiment; `settings` are the overrides that define it."""
+
+    name: str
+    kind: str  # 'train', 'locate' or 'sample'
+    settings: Mapping[str, Any]
+    train: Run | None = None  # kind 'sample': the run whose final EMA is scored
+
+
+def config_for(size: Size, settings: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """configs/digits.py with the size's overrides, then the run's settings."""
+    config = digits.get_config()
+    config.train.sample_every = 0  # the report shows FID curves; `sample` mode draws grids
+    config.train.checkpoint_every = 10**9  # only the final step (and on SIGTERM)
+    config.train.log_every = 50
+    config.train.keep_checkpoints = 1
+    for dotted, value in {**size.overrides, **settings}.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def _train(name: str, seed: int, schedule: str = "cosine", **settings: Any) -> Run:
+    return Run(name, "train", {"diffusion.schedule": schedule, "seed": seed, **settings})
+
+
+def ot_decay(size: Size) -> list[Run]:
+    """Figure 1b: W₂(t)/W₂(0) between digit classes, its exponential fit and t_δ/T."""
+    return [
+        Run(
+            f"{schedule}/{a}-{b}",
+            "locate",
+            {
+                "diffusion.schedule": schedule,
+                "interval.set_a": f"class:{a}",
+                "interval.set_b": f"class:{b}",
+                **size.ot_overrides,
+            },
+        )
+        for schedule in size.schedules
+        for a, b in size.ot_pairs
+    ]
+
+
+def speedup(size: Size) -> list[Run]:
+    """Tables 1 and 4: ADM against ADM-BS (p = 0.8, t_δ/T = 0.8) per schedule and seed."""
+    return [
+        _train(f"{schedule}/{method}/seed{seed}", seed, schedule, **METHODS[method])
+        for schedule in size.schedules
+        for method in METHODS
+        for seed in size.seeds
+    ]
+
+
+def ablations(size: Size) -> list[Run]:
+    """Figures 5 and 6: p at t_δ/T = 0.8, t_δ/T at p = 0.8, and the OT-located t_δ."""
+    runs = []
+    for seed in size.other_seeds:
+        runs.append(_train(f"uniform/seed{seed}", seed, **UNIFORM))
+        for p in dict.fromkeys((*size.p_values, 0.8)):
+            runs.append(_train(f"p={p:g}/seed{seed}", seed, **{**BS, "timesteps.p": p}))
+        for f in dict.fromkeys((*size.t_fractions, 0.8)):
+            t_delta = round(f * 1000)
+            runs.append(
+                _train(f"t/T={f:g}/seed{seed}", seed, **{**BS, "timesteps.t_delta": t_delta})
+            )
+        runs.append(_train(f"t=auto/seed{seed}", seed, **{**BS, "timesteps.t_delta": "auto"}))
+    return runs
+
+
+def combinations(size: Size) -> list[Run]:
+    """Table 2: BS with the P2, Min-SNR and Debias loss weightings, against each alone."""
+    return [
+        _train(
+            f"{weighting}/{method}/seed{seed}",
+            seed,
+            **METHODS[method],
+            **{"loss.weighting": weighting},
+        )
+        for seed in size.other_seeds
+        for weighting in ("none", *size.weightings)
+        for method in METHODS
+    ]
+
+
+def samplers(size: Size) -> list[Run]:
+    """Table 3: DDIM, Epsilon Scaling and DPM-Solver at each step count, ADM and ADM-BS."""
+    runs = []
+    for method, timesteps in METHODS.items():
+        trained = _train(f"{method}/seed0", 0, **timesteps)
+        for sampler, settings in SAMPLERS.items():
+            for steps in size.sampler_steps:
+                runs.append(
+                    Run(
+                        f"{method}/{sampler}/{steps}",
+                        "sample",
+                        {
+                            **settings,
+                            "sample.steps": steps,
+                            "sample.num_samples": size.sampler_samples,
+                        },
+                        train=trained,
+                    )
+                )
+    return runs
+
+
+def timestep_samplers(size: Size) -> list[Run]:
+    """BS against other non-uniform timestep samplers, at equal steps and batch."""
+    return [
+        _train(
+            f"{sampler}/seed{seed}",
+            seed,
+            **({"timesteps.sampler": sampler} if sampler not in METHODS else METHODS[sampler]),
+        )
+        for seed in size.other_seeds
+        for sampler in ("uniform", "bs", *size.timestep_samplers)
+    ]
+
+
+EXPERIMENTS: dict[str, Callable[[Size], list[Run]]] = {
+    "ot_decay": ot_decay,
+    "speedup": speedup,
+    "samplers": samplers,
+    "ablations": ablations,
+    "combinations": combinations,
+    "timestep_samplers": timestep_samplers,
+}
