@@ -63,6 +63,18 @@ SAMPLERS = (
     "loss_aware",
 )
 
+# Each sampler's `get_sampler` arguments → the `timesteps.*` config fields that hold them
+# (configs/default.py); 'lognormal' also takes the schedule, from diffusion.schedule.
+CONFIG_FIELDS = {
+    "uniform": {},
+    "bernoulli": {"t_delta": "t_delta", "p": "p"},
+    "piecewise": {"boundaries": "boundaries", "masses": "masses"},
+    "beta": {"a": "beta_a", "b": "beta_b"},
+    "lognormal": {"p_mean": "p_mean", "p_std": "p_std"},
+    "logit_normal": {"mean": "logit_mean", "std": "logit_std"},
+    "loss_aware": {"history_per_term": "history", "uniform_prob": "uniform_prob"},
+}
+
 _TWO32 = 1 << 32
 _MASK32 = _TWO32 - 1
 _MAX_TIMESTEPS = 2**31 - 1  # indices are int32

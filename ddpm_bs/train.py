@@ -42,8 +42,6 @@ from ddpm_bs import (
 )
 from ddpm_bs.models import unet
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -78,7 +76,7 @@ def build_model(config: ml_collections.ConfigDict) -> unet.UNet:
         num_head_channels=m.num_head_channels,
         use_scale_shift_norm=m.use_scale_shift_norm,
         resblock_updown=m.resblock_updown,
-        dtype=DTYPES[m.dtype],
+        dtype=unet.DTYPES[m.dtype],
         attention_implementation=m.attention_implementation,
     )
     unet.check_config(model)
@@ -87,25 +85,23 @@ def build_model(config: ml_collections.ConfigDict) -> unet.UNet:
 
 def build_sampler(config: ml_collections.ConfigDict):
     ts, num_timesteps = config.timesteps, config.diffusion.num_timesteps
-    kwargs = {
-        "uniform": {},
-        "bernoulli": dict(t_delta=ts.t_delta, p=ts.p),
-        "piecewise": dict(boundaries=tuple(ts.boundaries), masses=tuple(ts.masses)),
-        "beta": dict(a=ts.beta_a, b=ts.beta_b),
-        "lognormal": dict(p_mean=ts.p_mean, p_std=ts.p_std, schedule=config.diffusion.schedule),
-        "logit_normal": dict(mean=ts.logit_mean, std=ts.logit_std),
-        "loss_aware": dict(history_per_term=ts.history, uniform_prob=ts.uniform_prob),
-    }
+    if ts.sampler not in timesteps.CONFIG_FIELDS:
+        raise ValueError(
+            f"timesteps.sampler={ts.sampler!r} is unknown; valid samplers: "
+            f"{', '.join(timesteps.CONFIG_FIELDS)}."
+        )
     if ts.sampler == "bernoulli" and not isinstance(ts.t_delta, int):
         raise ValueError(
             f"timesteps.t_delta={ts.t_delta!r} must be an integer in [1, {num_timesteps}] "
             "(train_and_evaluate resolves 'auto' with the optimal-transport locator first)."
         )
-    if ts.sampler not in kwargs:
-        raise ValueError(
-            f"timesteps.sampler={ts.sampler!r} is unknown; valid samplers: {', '.join(kwargs)}."
-        )
-    return timesteps.get_sampler(ts.sampler, num_timesteps, **kwargs[ts.sampler])
+    kwargs = {
+        argument: tuple(ts[field]) if isinstance(ts[field], (list, tuple)) else ts[field]
+        for argument, field in timesteps.CONFIG_FIELDS[ts.sampler].items()
+    }
+    if ts.sampler == "lognormal":
+        kwargs["schedule"] = config.diffusion.schedule
+    return timesteps.get_sampler(ts.sampler, num_timesteps, **kwargs)
 
 
 def build_loss(config: ml_collections.ConfigDict) -> losses.LossSpec:

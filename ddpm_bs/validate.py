@@ -96,7 +96,6 @@ _GROUP_ORDER = (
     "mesh",
     "batch",
 )
-DTYPES = ("float32", "bfloat16")  # train.DTYPES' names (this module does not import train)
 ON_NONFINITE = ("skip", "halt")  # train.on_nonfinite
 SEED_MAX = 2**32 - 1  # jax.random.key keeps 32 bits without x64: 2**32 would collide with 0
 _MAX_TIMESTEPS = 2**31 - 1  # timestep indices are int32
@@ -268,7 +267,7 @@ _RULES: dict[str, _Rule] = {
     "model.resblock_updown": _Rule("model", _boolean),
     "model.learn_sigma": _Rule("model", _boolean),
     "model.num_classes": _Rule("model", _integer(0)),
-    "model.dtype": _Rule("model", _one_of(*DTYPES)),
+    "model.dtype": _Rule("model", _one_of(*unet.DTYPES)),
     "model.attention_implementation": _Rule("model", _one_of(*unet.ATTENTION_IMPLEMENTATIONS)),
     # diffusion
     "diffusion.schedule": _Rule("diffusion", _one_of(*schedules.SCHEDULES)),
@@ -575,22 +574,10 @@ def _cross_diffusion(config: Any, num_devices: int | None) -> None:
         raise _reworded(e, names, config, "diffusion") from None
 
 
-# timesteps.get_sampler's argument → config field, per sampler (mirrors train.build_sampler).
-_SAMPLER_FIELDS = {
-    "uniform": {},
-    "bernoulli": {"t_delta": "t_delta", "p": "p"},
-    "piecewise": {"boundaries": "boundaries", "masses": "masses"},
-    "beta": {"a": "beta_a", "b": "beta_b"},
-    "lognormal": {"p_mean": "p_mean", "p_std": "p_std"},
-    "logit_normal": {"mean": "logit_mean", "std": "logit_std"},
-    "loss_aware": {"history_per_term": "history", "uniform_prob": "uniform_prob"},
-}
-
-
 def _cross_timesteps(config: Any, num_devices: int | None) -> None:
     name = _lookup(config, "timesteps.sampler")
     num_timesteps = _lookup(config, "diffusion.num_timesteps")
-    fields = _SAMPLER_FIELDS[name]
+    fields = timesteps.CONFIG_FIELDS[name]
     kwargs = {}
     for argument, field in fields.items():
         value = _lookup(config, f"timesteps.{field}", _MISSING)

@@ -47,6 +47,7 @@ _DEFAULT_CHANNEL_MULT = {
     32: (1, 2, 2, 2),
 }
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype names
 
 
 def default_channel_mult(image_size: int) -> tuple[float, ...]:
