@@ -56,7 +56,16 @@ class Size:
     ot_overrides: Mapping[str, Any]  # interval.* for the OT-decay curves
 
 
-_CPU_MODEL = {"data.image_size": 8}  # configs/digits.py's quick-start U-Net, 8×8
+# The paper's grids (Figures 5 and 6, Tables 2 and 3) and the class pairs of the OT curves.
+_PAPER_GRID = dict(
+    schedules=("linear", "cosine"),
+    p_values=(0.3, 0.5, 0.7, 0.8, 0.9),
+    t_fractions=(0.5, 0.6, 0.7, 0.8, 0.9),
+    weightings=("p2", "min_snr", "debias"),
+    timestep_samplers=("lognormal", "logit_normal", "loss_aware"),
+    sampler_steps=(10, 25, 50, 100),
+    ot_pairs=((0, 1), (1, 7), (3, 8), (4, 9), (5, 6)),
+)
 
 SIZES = {
     "test": Size(
@@ -94,7 +103,7 @@ SIZES = {
     "cpu": Size(
         name="cpu",
         overrides={
-            **_CPU_MODEL,
+            "data.image_size": 8,  # configs/digits.py's quick-start U-Net, at the digits' 8×8
             "train.batch_size": 64,
             "train.num_steps": 500,
             "train.eval_every": 100,
@@ -104,14 +113,8 @@ SIZES = {
         },
         seeds=(0, 1, 2),
         other_seeds=(0,),
-        schedules=("linear", "cosine"),
-        p_values=(0.3, 0.5, 0.7, 0.8, 0.9),
-        t_fractions=(0.5, 0.6, 0.7, 0.8, 0.9),
-        weightings=("p2", "min_snr", "debias"),
-        timestep_samplers=("lognormal", "logit_normal", "loss_aware"),
-        sampler_steps=(10, 25, 50, 100),
+        **_PAPER_GRID,
         sampler_samples=400,
-        ot_pairs=((0, 1), (1, 7), (3, 8), (4, 9), (5, 6)),
         ot_overrides={},
     ),
     "gpu": Size(
@@ -137,14 +140,8 @@ SIZES = {
         },
         seeds=(0, 1, 2),
         other_seeds=(0, 1, 2),
-        schedules=("linear", "cosine"),
-        p_values=(0.3, 0.5, 0.7, 0.8, 0.9),
-        t_fractions=(0.5, 0.6, 0.7, 0.8, 0.9),
-        weightings=("p2", "min_snr", "debias"),
-        timestep_samplers=("lognormal", "logit_normal", "loss_aware"),
-        sampler_steps=(10, 25, 50, 100),
+        **_PAPER_GRID,
         sampler_samples=1797,
-        ot_pairs=((0, 1), (1, 7), (3, 8), (4, 9), (5, 6)),
         ot_overrides={"data.image_size": 32},
     ),
 }
@@ -263,14 +260,11 @@ def samplers(size: Size) -> list[Run]:
 
 def timestep_samplers(size: Size) -> list[Run]:
     """BS against other non-uniform timestep samplers, at equal steps and batch."""
+    settings = {**METHODS, **{name: {"timesteps.sampler": name} for name in size.timestep_samplers}}
     return [
-        _train(
-            f"{sampler}/seed{seed}",
-            seed,
-            **({"timesteps.sampler": sampler} if sampler not in METHODS else METHODS[sampler]),
-        )
+        _train(f"{name}/seed{seed}", seed, **s)
         for seed in size.other_seeds
-        for sampler in ("uniform", "bs", *size.timestep_samplers)
+        for name, s in settings.items()
     ]
 
 
