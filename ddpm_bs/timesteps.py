@@ -13,6 +13,10 @@ interface:
 Timestep indices are 0-based, t ∈ {0..T−1}, t = 0 the least noisy; the paper's 1-based t_k is
 index k−1.
 
+Note: when p = t_δ/T the mixture is the uniform law but for t_δ itself, which both intervals
+contain (T = 1000, t_δ = 800, p = 0.8: 1/1000 on each t < t_δ, 0.2/201 ≈ 0.995/1000 above it,
+≈ 2/1000 at t_δ). The paper's default setting is that one; experiments/REPORT.md measures it.
+
 Every sampler is a frozen dataclass holding only scalars and tuples, so it is hashable, can be
 a static argument of `jax.jit`, and carries no hidden state. Derived tables (the pmf, alias
 tables) are computed once in float64 numpy and cached on the instance; equality and hashing

@@ -155,6 +155,16 @@ def test_bernoulli_branch_masses_count_the_shared_index_once_each_way(num, t_del
     np.testing.assert_allclose([first_branch, second_branch], [p, 1 - p], atol=1e-13)
 
 
+def test_bernoulli_with_p_equal_to_t_delta_over_T_is_uniform_but_at_t_delta():
+    """The paper's p = 0.8, t_δ/T = 0.8: every t but t_δ keeps (almost) uniform mass."""
+    probs = timesteps.bernoulli(1000, 800, 0.8).probs
+    np.testing.assert_allclose(probs[:799], 1 / 1000, rtol=1e-13)
+    np.testing.assert_allclose(probs[800:], 0.2 / 201, rtol=1e-13)  # 0.995 / 1000
+    np.testing.assert_allclose(probs[799], 1 / 1000 + 0.2 / 201, rtol=1e-13)
+    # Total variation from uniform: 1/1000 moved onto t_δ from the 200 steps above it.
+    np.testing.assert_allclose(0.5 * np.abs(probs - 1 / 1000).sum(), 0.2 / 201, rtol=1e-12)
+
+
 @pytest.mark.parametrize("num,t_delta,p", BERNOULLI_PARAMS[:5])
 def test_bernoulli_draws_pass_chi_square(num, t_delta, p):
     sampler = timesteps.bernoulli(num, t_delta, p)
