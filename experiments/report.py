@@ -1,9 +1,11 @@
 """Tables and figures of `experiments/REPORT.md` from the sweep's JSON lines.
 
-    python -m experiments.report --size=cpu
+    python -m experiments.report --size=cpu [--into=experiments/REPORT.md]
 
 Reads `experiments/results/<size>/<experiment>.jsonl` and writes, beside them, `tables.md`
 (every table of the report, with seeds, steps, wall time and device) and one PNG per figure.
+With --into, the same tables also replace the text between `<!-- tables:<size> -->` and
+`<!-- /tables:<size> -->` in that file (the report's prose stays as written).
 Experiments not run yet are listed as such. Speedup is measured as in the paper: the steps
 ADM needs to reach its best digits-FID, over the steps ADM-BS needs to reach that score.
 """
@@ -11,6 +13,7 @@ ADM needs to reach its best digits-FID, over the steps ADM-BS needs to reach tha
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -101,12 +104,12 @@ def _by_name(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 # One section per experiment: (markdown lines, figures written)
 
 
-def ot_decay(records, out: pathlib.Path) -> list[str]:
+def ot_decay(records, out: pathlib.Path, link: str) -> list[str]:
     from matplotlib.figure import Figure
 
     rows = [
         [
-            r["run"],
+            r["run"].split("/")[-1],
             r["schedule"],
             r["decay_rate"],
             r["t_delta"],
@@ -130,36 +133,37 @@ def ot_decay(records, out: pathlib.Path) -> list[str]:
     fig.tight_layout()
     artifacts.save_figure(fig, str(out / "ot_decay.png"), dpi=100)
     return [
-        "![OT decay](ot_decay.png)",
+        f"![OT decay]({link}ot_decay.png)",
         "",
-        *_table(["pair", "schedule", "fitted K", "t_δ", "t_δ/T", "t_δ from K"], rows),
+        *_table(
+            ["classes", "schedule", "fitted K", "t_δ (W₂ ratio < δ)", "t_δ/T", "t_δ from K"], rows
+        ),
     ]
 
 
+def _curve(record):
+    return record["curve"]["step"], record["curve"]["digits_fid"]
+
+
 def _speedup_rows(records):
+    """A row per schedule over the seeds both methods finished (paired by seed)."""
     rows, curves = [], {}
     for schedule in sorted({r["settings"]["diffusion.schedule"] for r in records}):
-        group = {
-            m: [r for r in records if r["run"].startswith(f"{schedule}/{m}/")]
-            for m in specs.METHODS
-        }
-        if not all(group.values()):
+        group = {}
+        for method in specs.METHODS:
+            runs = [r for r in records if r["run"].startswith(f"{schedule}/{method}/")]
+            group[method] = {r["seed"]: r for r in runs}
+        seeds = sorted(set(group["uniform"]) & set(group["bs"]))
+        if not seeds:
             continue
+        group = {m: [g[s] for s in seeds] for m, g in group.items()}
         (bs, bm, bsd), (ns, nm, nsd) = mean_curve(group["uniform"]), mean_curve(group["bs"])
         curves[schedule] = ((bs, bm, bsd), (ns, nm, nsd))
         mean = speedup(bs, bm, ns, nm)
-        per_seed = []
-        for u in group["uniform"]:
-            b = next((r for r in group["bs"] if r["seed"] == u["seed"]), None)
-            if b:
-                per_seed.append(
-                    speedup(
-                        u["curve"]["step"],
-                        u["curve"]["digits_fid"],
-                        b["curve"]["step"],
-                        b["curve"]["digits_fid"],
-                    )["ratio"]
-                )
+        per_seed = [
+            speedup(*_curve(u), *_curve(b))["ratio"]
+            for u, b in zip(group["uniform"], group["bs"], strict=True)
+        ]
         rows.append(
             [
                 schedule,
@@ -176,7 +180,7 @@ def _speedup_rows(records):
     return rows, curves
 
 
-def speedup_section(records, out: pathlib.Path) -> list[str]:
+def speedup_section(records, out: pathlib.Path, link: str) -> list[str]:
     from matplotlib.figure import Figure
 
     rows, curves = _speedup_rows(records)
@@ -203,7 +207,7 @@ def speedup_section(records, out: pathlib.Path) -> list[str]:
         "speedup (seed mean)",
         "speedup per seed",
     ]
-    return ["![speedup](speedup.png)", "", *_table(header, rows)]
+    return [f"![speedup]({link}speedup.png)", "", *_table(header, rows)]
 
 
 def _train_rows(records, key_label):
@@ -221,12 +225,12 @@ def _train_rows(records, key_label):
     ]
 
 
-def ablations(records, out: pathlib.Path) -> list[str]:
+def ablations(records, out: pathlib.Path, link: str) -> list[str]:
     header = ["run", "seed", "best digits-FID", "at step", "final", "t_δ", "wall min"]
     return _table(header, _train_rows(records, lambda r: r["run"].split("/")[0]))
 
 
-def combinations(records, out: pathlib.Path) -> list[str]:
+def combinations(records, out: pathlib.Path, link: str) -> list[str]:
     by = _by_name(records)
     rows = []
     for name, r in by.items():
@@ -247,7 +251,7 @@ def combinations(records, out: pathlib.Path) -> list[str]:
     return _table(header, rows)
 
 
-def samplers(records, out: pathlib.Path) -> list[str]:
+def samplers(records, out: pathlib.Path, link: str) -> list[str]:
     methods = list(dict.fromkeys(r["run"].split("/")[1] for r in records))
     steps = sorted({r["steps"] for r in records})
     by = _by_name(records)
@@ -264,7 +268,7 @@ def samplers(records, out: pathlib.Path) -> list[str]:
     return _table(["model", "NFE", *methods], rows)
 
 
-def timestep_samplers(records, out: pathlib.Path) -> list[str]:
+def timestep_samplers(records, out: pathlib.Path, link: str) -> list[str]:
     header = ["sampler", "seed", "best digits-FID", "at step", "final", "t_δ", "wall min"]
     return _table(header, _train_rows(records, lambda r: r["run"].split("/")[0]))
 
@@ -279,28 +283,48 @@ SECTIONS = {
 }
 
 
-def write_tables(out: pathlib.Path) -> str:
-    """Writes `<out>/tables.md` and the figures from `<out>/*.jsonl`; returns the markdown."""
-    lines = [f"<!-- written by python -m experiments.report from {out} -->", ""]
+def write_tables(out: pathlib.Path, link: str = "") -> str:
+    """Writes the figures and `<out>/tables.md` from `<out>/*.jsonl`; returns the markdown.
+
+    `link` prefixes the figures' paths in the markdown (for a file in another directory).
+    """
+    lines = [f"<!-- written by python -m experiments.report from {out.name}/*.jsonl -->", ""]
     for experiment, (title, section) in SECTIONS.items():
         records = artifacts.read_jsonl(sweep.results_path(out, experiment))
         lines += [f"### {title}", ""]
         if not records:
             lines += ["*Not run yet at this size.*", ""]
             continue
-        lines += [_provenance(records), "", *section(records, out)]
+        lines += [_provenance(records), "", *section(records, out, link)]
     text = "\n".join(lines)
-    artifacts.write_bytes(text.encode(), str(out / "tables.md"))
+    if not link:
+        artifacts.write_bytes(text.encode(), str(out / "tables.md"))
     return text
+
+
+def replace_between_markers(path: pathlib.Path, size: str, text: str) -> None:
+    """Replaces what stands between `<!-- tables:size -->` and `<!-- /tables:size -->`."""
+    begin, end = f"<!-- tables:{size} -->", f"<!-- /tables:{size} -->"
+    document = path.read_text()
+    if begin not in document or end not in document:
+        raise ValueError(f"{path} has no {begin} … {end} markers to write the tables between.")
+    head, rest = document.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    artifacts.write_bytes(f"{head}{begin}\n{text}\n{end}{tail}".encode(), str(path))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="cpu", choices=list(specs.SIZES))
     parser.add_argument("--out", default=None, help="default: experiments/results/<size>")
+    parser.add_argument("--into", default=None, help="a markdown file with tables markers")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out or sweep.ROOT / "results" / args.size)
     print(write_tables(out))
+    if args.into:
+        into = pathlib.Path(args.into)
+        link = os.path.relpath(out, into.resolve().parent) + "/"
+        replace_between_markers(into, args.size, write_tables(out, link))
     return 0
 
 

@@ -103,6 +103,14 @@ def test_an_interrupted_training_run_is_resumed_not_recorded(tmp_path, monkeypat
     assert sweep.main(argv) == 0 and len(calls) == 3  # finished runs are not run again
 
 
+def test_report_refuses_a_file_without_markers(tmp_path):
+    doc = tmp_path / "REPORT.md"
+    doc.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no <!-- tables:cpu --> … <!-- /tables:cpu --> markers"):
+        report.replace_between_markers(doc, "cpu", "tables")
+    assert doc.read_text() == "no markers\n"
+
+
 def test_unknown_experiment_is_refused_with_the_valid_names(tmp_path, capsys):
     assert sweep.main(["speedups", f"--out={tmp_path}"]) == 2
     err = capsys.readouterr().err
@@ -132,6 +140,14 @@ def test_every_experiment_runs_at_the_test_size_and_the_report_is_written(tmp_pa
         assert f"### {title}" in tables
     assert "Not run yet" not in tables
     assert (tmp_path / "speedup.png").is_file() and (tmp_path / "ot_decay.png").is_file()
+    # The report's prose keeps its words; the tables between the markers are rewritten.
+    doc = tmp_path / "doc" / "REPORT.md"
+    doc.parent.mkdir()
+    doc.write_text("# Words\n<!-- tables:test -->\nold\n<!-- /tables:test -->\nMore words.\n")
+    assert report.main(["--size=test", f"--out={tmp_path}", f"--into={doc}"]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Words\n<!-- tables:test -->\n") and text.endswith("More words.\n")
+    assert "old" not in text and "![speedup](../speedup.png)" in text
     # Rerun: every record is there, so nothing trains again.
     before = {p.name: p.read_text() for p in tmp_path.glob("*.jsonl")}
     assert sweep.main(["all", "--size=test", f"--out={tmp_path}"]) == 0
