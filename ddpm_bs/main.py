@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -120,10 +121,29 @@ def _put_config_root_on_path(argv):
                 sys.path.insert(0, root)
 
 
+def _parse_flags(argv):
+    """absl's parsing, with a --config.* override that names no field said in one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"ddpm-bs: {e}\nPass --help for the flags.", file=sys.stderr)
+    except (AttributeError, KeyError) as e:  # ml_collections: the path is not in the config
+        text = str(e)
+        hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+        name = hint.group(2) if hint else (re.findall(r"\w+", text) or [""])[0]
+        flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and name in a), "")
+        print(
+            f"ddpm-bs: {flag or 'a --config.* flag'}: the config has no field {name!r}"
+            + (f"; did you mean {hint.group(1)!r}?" if hint else "; see configs/default.py."),
+            file=sys.stderr,
+        )
+    sys.exit(2)
+
+
 def run():
     _put_config_root_on_path(sys.argv)
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

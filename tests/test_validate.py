@@ -403,7 +403,16 @@ def test_validation_traces_and_compiles_nothing():
 # --- The command line -----------------------------------------------------------------------
 
 
-def test_cli_refuses_a_bad_config_on_one_line_before_touching_the_workdir(tmp_path):
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--config.optim.lr=-1", "optim.lr"),
+        ("--config.train.num_stepz=1", "--config.train.num_stepz: the config has no field "
+         "'num_stepz'; did you mean 'num_steps'?"),
+        ("--config.trian.num_steps=1", "no field 'trian'; did you mean 'train'?"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_a_bad_config_on_one_line_before_touching_the_workdir(tmp_path, flag, expected):
     workdir = tmp_path / "run"
     result = subprocess.run(
         [
@@ -412,7 +421,7 @@ def test_cli_refuses_a_bad_config_on_one_line_before_touching_the_workdir(tmp_pa
             "ddpm_bs.main",
             "--config=configs/digits.py",
             f"--workdir={workdir}",
-            "--config.optim.lr=-1",
+            flag,
             "--config.train.num_steps=1",  # bounds the run if validation is not wired
         ],
         cwd=ROOT,
@@ -425,6 +434,6 @@ def test_cli_refuses_a_bad_config_on_one_line_before_touching_the_workdir(tmp_pa
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("ddpm-bs:")]
     assert len(lines) == 1, result.stderr[-3000:]
-    assert "optim.lr" in lines[0]
+    assert expected in lines[0]
     assert "Traceback" not in result.stderr
     assert not workdir.exists()
