@@ -69,7 +69,8 @@ def save_figure(fig: Any, path: str, dpi: int = 120) -> None:
 def append_jsonl(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
     """Appends one JSON line per record to `path` (created if absent).
 
-    Local files are appended to; object stores cannot append, so there the file is rewritten
+    Local files are appended to; a last line left unfinished by a crash mid-append was never
+    a record and is cut off first. Object stores cannot append, so there the file is rewritten
     (it stays small: a line per logged step or per finished run).
     """
     if not records:
@@ -80,8 +81,13 @@ def append_jsonl(records: list[dict[str, Any]], path: str | os.PathLike) -> None
         old = p.read_text() if p.exists() else ""
         write_bytes((old + text).encode(), path)
         return
-    with open(path, "a") as f:
-        f.write(text)
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
+        f.write(text.encode())
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

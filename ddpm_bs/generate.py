@@ -37,6 +37,12 @@ def restore_ema_params(trainer: train.Trainer, workdir: str, rate_index: int = 0
     return state.ema_params[rate_index], int(state.step)
 
 
+def _eps_scale(sc: ml_collections.ConfigDict) -> tuple[float, float] | None:
+    """Epsilon Scaling's (k, b) when sample.method takes it and it is on; else None."""
+    k_b = (sc.eps_scale_k, sc.eps_scale_b)
+    return k_b if sc.method in ("ddim", "ddpm") and k_b != (0.0, 1.0) else None
+
+
 def draw(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarray, np.ndarray, int]:
     """Draws `config.sample.num_samples` images from the workdir's latest EMA params.
 
@@ -66,8 +72,8 @@ def draw(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarray, n
         "learn_sigma": config.model.learn_sigma,
         "clip_denoised": sc.clip_denoised,
     }
-    if sc.method in ("ddim", "ddpm") and (sc.eps_scale_k, sc.eps_scale_b) != (0.0, 1.0):
-        opts["eps_scale"] = (sc.eps_scale_k, sc.eps_scale_b)
+    if _eps_scale(sc):
+        opts["eps_scale"] = _eps_scale(sc)
     if sc.method in ("dpm_solver", "dpm_solver++"):
         opts["skip_type"] = sc.skip_type
     if sc.method == "ddim":
@@ -103,8 +109,8 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     out_dir = os.path.join(workdir, "samples")
     os.makedirs(out_dir, exist_ok=True)
     name = f"{sc.method}{sc.steps}"
-    if sc.method in ("ddim", "ddpm") and (sc.eps_scale_k, sc.eps_scale_b) != (0.0, 1.0):
-        name += f"_es{sc.eps_scale_k:g}_{sc.eps_scale_b:g}"  # beside the unscaled set, not over it
+    if _eps_scale(sc):
+        name += "_es{:g}_{:g}".format(*_eps_scale(sc))  # beside the unscaled set, not over it
     stem = os.path.join(out_dir, f"{name}_step{step:08d}")
     if jax.process_index() == 0:
         with open(stem + ".npz.tmp", "wb") as f:

@@ -24,6 +24,19 @@ def test_speedup_is_base_steps_to_its_best_over_new_steps_to_that_score():
     assert report.first_step_reaching(steps, base, 30.0) == 200
 
 
+def test_json_lines_survive_a_crash_mid_append(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    artifacts.append_jsonl([{"run": "a"}], path)
+    with open(path, "a") as f:
+        f.write('{"run": "b", "fi')  # killed while writing
+    assert artifacts.read_jsonl(path) == [{"run": "a"}]
+    artifacts.append_jsonl([{"run": "c"}], path)
+    assert artifacts.read_jsonl(path) == [{"run": "a"}, {"run": "c"}]
+    path.write_text('{"run": "a"}\nnot json\n{"run": "c"}\n')
+    with pytest.raises(ValueError, match="line 2, is not JSON"):
+        artifacts.read_jsonl(path)
+
+
 def test_mean_curve_averages_seeds_and_refuses_other_eval_steps():
     def rec(name, steps, fid):
         return {"run": name, "curve": {"step": steps, "digits_fid": fid}}
