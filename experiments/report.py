@@ -218,7 +218,7 @@ def _train_rows(records, key_label):
             r["best_fid"],
             r["best_step"],
             r["final_fid"],
-            r["t_delta"],
+            r["t_delta"] if r["settings"].get("timesteps.sampler") == "bernoulli" else None,
             r["wall_s"] / 60,
         ]
         for r in records

@@ -74,9 +74,11 @@ def train_run(run: specs.Run, size: specs.Size, out: pathlib.Path) -> dict[str, 
     curve = metrics.get("eval/digits_fid", np.zeros((0, 2)))
     loss = metrics.get("loss", np.zeros((0, 2)))
     best = int(np.argmin(curve[:, 1])) if len(curve) else None
-    t_delta = config.timesteps.t_delta
-    if t_delta == "auto":
-        t_delta = interval.load_t_delta(str(workdir))
+    t_delta = None  # only the Bernoulli sampler has a t_δ
+    if config.timesteps.sampler == "bernoulli":
+        t_delta = config.timesteps.t_delta
+        if t_delta == "auto":
+            t_delta = interval.load_t_delta(str(workdir))
     return {
         "kind": "train",
         "seed": int(config.seed),
