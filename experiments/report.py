@@ -227,7 +227,7 @@ def _train_rows(records, key_label):
 
 def ablations(records, out: pathlib.Path, link: str) -> list[str]:
     header = ["run", "seed", "best digits-FID", "at step", "final", "t_δ", "wall min"]
-    return _table(header, _train_rows(records, lambda r: r["run"].split("/")[0]))
+    return _table(header, _train_rows(records, lambda r: r["run"].rsplit("/", 1)[0]))
 
 
 def combinations(records, out: pathlib.Path, link: str) -> list[str]:
@@ -270,7 +270,7 @@ def samplers(records, out: pathlib.Path, link: str) -> list[str]:
 
 def timestep_samplers(records, out: pathlib.Path, link: str) -> list[str]:
     header = ["sampler", "seed", "best digits-FID", "at step", "final", "t_δ", "wall min"]
-    return _table(header, _train_rows(records, lambda r: r["run"].split("/")[0]))
+    return _table(header, _train_rows(records, lambda r: r["run"].rsplit("/", 1)[0]))
 
 
 SECTIONS = {
