@@ -156,6 +156,10 @@ class Run:
     settings: Mapping[str, Any]
     train: Run | None = None  # kind 'sample': the run whose final EMA is scored
 
+    def config(self, size: Size) -> ml_collections.ConfigDict:
+        """The run's config; a 'sample' run's sits on top of its trained run's settings."""
+        return config_for(size, {**(self.train.settings if self.train else {}), **self.settings})
+
 
 def config_for(size: Size, settings: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """configs/digits.py with the size's overrides, then the run's settings."""

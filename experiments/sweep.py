@@ -57,7 +57,7 @@ def _add_wall(workdir: pathlib.Path, seconds: float) -> float:
 
 def train_run(run: specs.Run, size: specs.Size, out: pathlib.Path) -> dict[str, Any]:
     """Trains `run` unless done; returns its record (FID curve, wall time, device)."""
-    config = specs.config_for(size, run.settings)
+    config = run.config(size)
     workdir = workdir_for(config, out)
     done = workdir / "sweep_done.json"
     if not done.exists():
@@ -101,7 +101,7 @@ def train_run(run: specs.Run, size: specs.Size, out: pathlib.Path) -> dict[str, 
 def sample_run(run: specs.Run, size: specs.Size, out: pathlib.Path) -> dict[str, Any]:
     """Scores the final EMA of `run.train` (trained first if needed) with one sampler."""
     trained = train_run(run.train, size, out)
-    config = specs.config_for(size, {**run.train.settings, **run.settings})
+    config = run.config(size)
     start = time.perf_counter()
     images, _, step = generate.draw(config, str(out / trained["workdir"]))
     fid = evaluation.digits_fid(images)
@@ -123,7 +123,7 @@ def sample_run(run: specs.Run, size: specs.Size, out: pathlib.Path) -> dict[str,
 
 def locate_run(run: specs.Run, size: specs.Size, out: pathlib.Path) -> dict[str, Any]:
     """The W₂ curve of two digit classes and the t_δ located on it (mode=locate)."""
-    config = specs.config_for(size, run.settings)
+    config = run.config(size)
     workdir = workdir_for(config, out, "locate")
     start = time.perf_counter()
     result = interval.run_locate(config, str(workdir), progress=False)
@@ -178,11 +178,8 @@ def run_experiment(experiment: str, size: str, out: pathlib.Path) -> list[dict[s
         raise ValueError(f"--size={size!r} is unknown; valid: {', '.join(specs.SIZES)}.")
     spec = specs.SIZES[size]
     runs = specs.EXPERIMENTS[experiment](spec)
-    for run in runs:  # every config is checked before anything runs
-        settings = {**(run.train.settings if run.train else {}), **run.settings}
-        mode = {"train": "train", "sample": "sample", "locate": "locate"}[run.kind]
-        config = specs.config_for(spec, settings)
-        validate.validate_config(config, num_devices=jax.device_count(), mode=mode)
+    for run in runs:  # every config is checked before anything runs (kinds are modes)
+        validate.validate_config(run.config(spec), num_devices=jax.device_count(), mode=run.kind)
     out.mkdir(parents=True, exist_ok=True)
     path = results_path(out, experiment)
     records = {r["run"]: r for r in artifacts.read_jsonl(path)}

@@ -58,10 +58,10 @@ def test_every_run_of_every_size_is_a_valid_config(size):
         runs = experiment(spec)
         assert runs and len({r.name for r in runs}) == len(runs), name
         for run in runs:
-            settings = {**(run.train.settings if run.train else {}), **run.settings}
-            config = specs.config_for(spec, settings)
-            mode = {"train": "train", "sample": "sample", "locate": "locate"}[run.kind]
-            validate.validate_config(config, num_devices=jax.device_count(), mode=mode)
+            assert run.kind in validate.MODES
+            validate.validate_config(
+                run.config(spec), num_devices=jax.device_count(), mode=run.kind
+            )
 
 
 def test_the_report_sizes_cover_the_papers_grids():
