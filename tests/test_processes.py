@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -20,8 +19,8 @@ from support import (
     ROOT,
     assert_bitwise_equal,
     checkpoint_steps,
+    cli_command,
     cli_env,
-    cli_flags,
     smoke_config,
 )
 
@@ -42,8 +41,7 @@ class Run:
 
     def __init__(self, workdir, env, **extra):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ddpm_bs.main", "--config=configs/smoke.py"]
-            + [f"--workdir={workdir}", *cli_flags(**{**OVERRIDES, **extra})],
+            cli_command(workdir, **{**OVERRIDES, **extra}),
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
