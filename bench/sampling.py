@@ -21,10 +21,16 @@ the config's size, with random weights (they do not change the cost):
     python bench/sampling.py --config=configs/digits.py --batch=64 --methods=ddim:100
     python bench/sampling.py --config=configs/cifar10_adm.py --methods= --inception_batch=256
     python bench/sampling.py --smoke      # tiny config, batch 8, 4 steps (what the test runs)
+
+`--profile_dir=DIR` traces one more call of each sampler with `jax.profiler` into DIR/<method>
+and prints its 10 ops with the most time (`bench/xla_profile.py`), one line each:
+`{"bench": "sampling_profile", "method": ..., "rank": ..., "op": ..., "what": ...,
+"ms_per_call": ..., "share": ...}`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -36,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import xla_profile  # noqa: E402  (bench/, first on the path when run as a script)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -54,6 +61,10 @@ _SMOKE = flags.DEFINE_bool(
 )
 _INCEPTION_BATCH = flags.DEFINE_integer(
     "inception_batch", 0, "If > 0, also time inception.features at this batch (one JSON line)."
+)
+
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", None, "If set, trace one call per method here and print its top 10 ops."
 )
 
 NUM_FID_SAMPLES = 50_000
@@ -126,6 +137,15 @@ def bench_samplers(
             "jax": jax.__version__,
         }
         print(json.dumps(record), flush=True)
+        if _PROFILE_DIR.value:
+            for op in xla_profile.profile(
+                functools.partial(compiled, params, key, y),
+                calls=1,
+                trace_dir=Path(_PROFILE_DIR.value) / f"{method}_{steps}",
+                hlo_text=compiled.as_text(),
+            ):
+                profiled = {"bench": "sampling_profile", "config": name, "method": method}
+                print(json.dumps({**profiled, "steps": steps, "batch": batch, **op}), flush=True)
 
 
 def _device_kind() -> str:

@@ -14,6 +14,14 @@ device's dense peak for the dtype (known for H100/H200/A100; null elsewhere).
     python bench/train_step.py --config=configs/cifar10_adm.py --batch=128 --dtype=bfloat16
     python bench/train_step.py --config=configs/digits.py --batch=64
     python bench/train_step.py --smoke      # a few steps of a tiny config (what the test runs)
+
+`--profile_dir=DIR` then traces `--profile_steps` more steps with `jax.profiler` into DIR
+(open it in TensorBoard or xprof) and prints the 10 ops with the most time, one line each
+(`bench/xla_profile.py`):
+
+    {"bench": "train_step_profile", "config": ..., "rank": 1, "op": "fusion.12",
+     "what": "fusion[Loop] bf16[128,32,32,256] | jit(step)/.../conv_general_dilated",
+     "ms_per_call": ..., "runs_per_call": ..., "share": ...}
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import xla_profile  # noqa: E402  (bench/, first on the path when run as a script)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -41,6 +50,10 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (the median is reported).")
 _GFLOP = flags.DEFINE_float("gflop_per_img", None, "Reference GFLOP per training image.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny config, 2 steps, 1 repeat.")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", None, "If set, trace --profile_steps steps here and print the top 10 ops."
+)
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 5, "Steps traced with --profile_dir.")
 
 # Dense peak TFLOP/s by (device kind substring, dtype): vendor datasheets (SXM parts).
 PEAKS = {
@@ -125,6 +138,22 @@ def main(argv):
         "jax": jax.__version__,
     }
     print(json.dumps(record), flush=True)
+
+    if _PROFILE_DIR.value:
+        carry = {"state": state}
+
+        def call():
+            carry["state"], step_metrics = compiled(carry["state"], batch, trainer.train_key)
+            return step_metrics
+
+        for op in xla_profile.profile(
+            call,
+            calls=2 if _SMOKE.value else _PROFILE_STEPS.value,
+            trace_dir=_PROFILE_DIR.value,
+            hlo_text=compiled.as_text(),
+        ):
+            profiled = {"bench": "train_step_profile", "config": record["config"], "batch": b}
+            print(json.dumps({**profiled, "dtype": record["dtype"], **op}), flush=True)
 
 
 if __name__ == "__main__":

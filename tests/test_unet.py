@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 
 import chex
 import jax
@@ -390,6 +391,37 @@ def test_bf16_compute_keeps_float32_params_and_output_close_to_float32(tiny):
     # it cannot tell subtler precision slips apart.
     rel = np.linalg.norm(out16 - out32) / np.linalg.norm(out32)
     assert rel < 5e-2, rel
+
+
+def test_bf16_step_runs_every_conv_and_feature_map_matmul_in_bf16_but_the_output_layer(tiny):
+    # The hot path must not up-cast: read the types of each convolution and dot_general in
+    # the lowered forward + backward (before XLA's CPU backend may rewrite bf16 convolutions).
+    model, params = tiny
+    bf16 = model.clone(dtype=jnp.bfloat16)
+    x, t = _inputs(model, 2, seed=8)
+
+    def loss(params):
+        out = bf16.apply({"params": params}, x, t, train=True, rngs={"dropout": _key(0)})
+        return jnp.mean(jnp.square(out))
+
+    text = jax.jit(jax.grad(loss)).lower(params).as_text()
+    convs, dots = [], []
+    for line in text.splitlines():
+        op = re.search(r"stablehlo\.(convolution|dot_general)", line)
+        if op:
+            shapes = re.findall(r"tensor<([^>]*)>", line.rsplit(" : ", 1)[-1])
+            (convs if op.group(1) == "convolution" else dots).append(
+                [s.split("x") for s in shapes]  # ['2', '16', '16', '32', 'bf16'] per tensor
+            )
+    out_channels = str(bf16.output_channels)
+    f32_convs = [c for c in convs if any(s[-1] == "f32" for s in c)]
+    # The output conv (forward, and its input and kernel gradients) stays float32, as
+    # guided-diffusion keeps its `out` block in float32; it has the output's channel count.
+    assert len(f32_convs) == 3 and all(any(s[-2] == out_channels for s in c) for c in f32_convs)
+    assert len(convs) > 3 * 10  # the ResBlocks' convolutions, forward and backward, are bf16
+    # float32 × float32 matmuls are the conditioning path's ([B, C] vectors), never feature maps.
+    assert all(len(s) <= 3 for d in dots if all(s[-1] == "f32" for s in d[:2]) for s in d)
+    assert any(all(s[-1] == "bf16" for s in d) for d in dots)  # qkv and proj_out
 
 
 def test_dropout_only_in_train_mode_and_follows_the_dropout_key(tiny):
