@@ -33,6 +33,7 @@ from ddpm_bs import (
     data,
     diffusion,
     losses,
+    metric_log,
     preemption,
     sampling,
     schedules,
@@ -449,22 +450,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         raise SetupError(str(e)) from e
 
-    # clu imports TensorFlow (seconds on a small CPU): only once the run is known to be good.
-    from clu import metric_writers, periodic_actions
-
-    from ddpm_bs import metric_log
-
     is_main = jax.process_index() == 0
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-    if is_main:
-        writer = metric_writers.MultiWriter([writer, metric_log.JsonlWriter(workdir)])
+    num_steps = config.train.num_steps
+    # clu imports TensorFlow (seconds on a small CPU): only once the run is known to be good.
+    writer, report = metric_log.open_writers(workdir, is_main=is_main, num_steps=num_steps)
     _save_config(config, workdir)
     if state is None:
         state = trainer.init()
         writer.write_hparams(_flat_hparams(config))
     start = int(state.step)
-    num_steps = config.train.num_steps
-    report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
     tc = config.train
     pending = None  # (step, metrics) of the previous step, fetched after the next is dispatched.
     skipped_seen = 0  # non-finite steps already reported
