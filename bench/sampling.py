@@ -23,9 +23,9 @@ the config's size, with random weights (they do not change the cost):
     python bench/sampling.py --smoke      # tiny config, batch 8, 4 steps (what the test runs)
 
 `--profile_dir=DIR` traces one more call of each sampler with `jax.profiler` into DIR/<method>
-and prints its 10 ops with the most time (`bench/xla_profile.py`), one line each:
-`{"bench": "sampling_profile", "method": ..., "rank": ..., "op": ..., "what": ...,
-"ms_per_call": ..., "share": ...}`.
+and prints its 10 ops, then its 10 op groups, with the most time (`bench/xla_profile.py`), one
+line each: `{"bench": "sampling_profile", "method": ..., "rank": ..., "op": ..., "what": ...,
+"ms_per_call": ..., "share": ...}` (a group's line has "group" in place of "op" and "what").
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ _INCEPTION_BATCH = flags.DEFINE_integer(
 )
 
 _PROFILE_DIR = flags.DEFINE_string(
-    "profile_dir", None, "If set, trace one call per method here and print its top 10 ops."
+    "profile_dir",
+    None,
+    "If set, trace one call per method here; print its top 10 ops and op groups.",
 )
 
 NUM_FID_SAMPLES = 50_000

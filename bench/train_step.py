@@ -16,11 +16,13 @@ device's dense peak for the dtype (known for H100/H200/A100; null elsewhere).
     python bench/train_step.py --smoke      # a few steps of a tiny config (what the test runs)
 
 `--profile_dir=DIR` then traces `--profile_steps` more steps with `jax.profiler` into DIR
-(open it in TensorBoard or xprof) and prints the 10 ops with the most time, one line each
-(`bench/xla_profile.py`):
+(open it in TensorBoard or xprof) and prints the 10 ops with the most time, then the 10 groups
+of ops (pass and JAX primitive) with the most, one line each (`bench/xla_profile.py`):
 
     {"bench": "train_step_profile", "config": ..., "rank": 1, "op": "fusion.12",
      "what": "fusion[Loop] bf16[128,32,32,256] | jit(step)/.../conv_general_dilated",
+     "ms_per_call": ..., "runs_per_call": ..., "share": ...}
+    {"bench": "train_step_profile", ..., "rank": 1, "group": "backward conv_general_dilated",
      "ms_per_call": ..., "runs_per_call": ..., "share": ...}
 """
 
@@ -51,7 +53,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (the median is repo
 _GFLOP = flags.DEFINE_float("gflop_per_img", None, "Reference GFLOP per training image.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny config, 2 steps, 1 repeat.")
 _PROFILE_DIR = flags.DEFINE_string(
-    "profile_dir", None, "If set, trace --profile_steps steps here and print the top 10 ops."
+    "profile_dir",
+    None,
+    "If set, trace --profile_steps steps here; print the top 10 ops and op groups.",
 )
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 5, "Steps traced with --profile_dir.")
 

@@ -20,9 +20,12 @@ def test_a_matmul_heavy_function_ranks_its_matmul_first_with_per_call_times(tmp_
 
     x = jax.random.normal(jax.random.key(0), (1024, 1024))
     compiled = f.lower(x).compile()
-    ops = xla_profile.profile(
+    records = xla_profile.profile(
         lambda: compiled(x), calls=3, trace_dir=tmp_path, hlo_text=compiled.as_text()
     )
+    ops = [r for r in records if "op" in r]
+    groups = [r for r in records if "group" in r]
+    assert groups[0]["group"] == "forward dot_general" and groups[0]["share"] > 0.8
     assert [op["rank"] for op in ops] == list(range(1, len(ops) + 1))
     times = [op["ms_per_call"] for op in ops]
     assert times == sorted(times, reverse=True) and times[0] > 0
@@ -31,17 +34,46 @@ def test_a_matmul_heavy_function_ranks_its_matmul_first_with_per_call_times(tmp_
     assert all(op["runs_per_call"] == 1.0 for op in ops)  # each op once per call, 3 calls
 
 
-def test_describe_ops_reads_opcode_fusion_kind_shape_and_the_jax_op_name():
+def test_describe_ops_reads_opcode_fusion_kind_root_shape_and_the_jax_op_name():
     text = """
+%fused_computation.7 (param_0: f32[8,16,64], param_1: f32[8,64,16]) -> f32[8,16,16] {
+  %param_0 = f32[8,16,64]{2,1,0} parameter(0)
+  ROOT %dot.138 = f32[8,16,16]{2,1,0} dot(%param_0, %param_1), lhs_batch_dims={0}
+}
+
+%fused_computation.8 (param_0: f32[2]) -> f32[2] {
+  ROOT %add.1 = f32[2]{0} add(%param_0, %param_0), metadata={op_name="jit(f)/add"}
+}
+
+ENTRY %main.9 (p0: f32[2]) -> (f32[2], s32[]) {
   %fusion.12 = bf16[128,32,32,256]{3,2,1,0} fusion(%p0, %p1), kind=kLoop, calls=%fc, metadata={op_name="jit(step)/UNet/conv_general_dilated" source_file="x.py"}
-  ROOT %tuple.3 = (f32[2]{0}, s32[]) tuple(%a, %b)
+  %ynn_fusion.3 = f32[8,16,16]{2,1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.7
+  %fusion.4 = f32[2]{0} fusion(%a), kind=kLoop, calls=%fused_computation.8
   %copy.1 = f32[3,3,96,64]{1,0,2,3} copy(%p2)
+  ROOT %tuple.3 = (f32[2]{0}, s32[]) tuple(%a, %b)
+}
 """  # noqa: E501
-    assert xla_profile.describe_ops(text) == {
-        "fusion.12": "fusion[Loop] bf16[128,32,32,256] | jit(step)/UNet/conv_general_dilated",
-        "tuple.3": "tuple (f32[2], s32[])",
-        "copy.1": "copy f32[3,3,96,64]",
-    }
+    described = xla_profile.describe_ops(text)
+    assert described["fusion.12"] == (
+        "fusion[Loop] bf16[128,32,32,256] | jit(step)/UNet/conv_general_dilated"
+    )
+    assert described["ynn_fusion.3"] == "fusion[Custom:dot] f32[8,16,16]"
+    assert described["fusion.4"] == "fusion[Loop:add] f32[2] | jit(f)/add"  # the root's op_name
+    assert described["copy.1"] == "copy f32[3,3,96,64]"
+    assert described["tuple.3"] == "tuple (f32[2], s32[])"
+
+
+def test_groups_are_pass_and_primitive_else_the_opcode():
+    assert (
+        xla_profile.group_of("f.1", "fusion f32[2] | jit(step)/jvp(UNet)/a/conv_general_dilated")
+        == "forward conv_general_dilated"
+    )
+    assert (
+        xla_profile.group_of("f.2", "fusion f32[2] | jit(step)/transpose(jvp(UNet))/a/reduce_sum")
+        == "backward reduce_sum"
+    )
+    assert xla_profile.group_of("copy.3", "copy f32[3,3]") == "unnamed copy"
+    assert xla_profile.group_of("fusion.12", None) == "fusion"
 
 
 def test_a_directory_without_a_trace_is_a_clear_error(tmp_path):
