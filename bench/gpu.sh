@@ -7,7 +7,11 @@
 #   bench/gpu.sh scale     the bfloat16 step at batch 256 and 512, and the 64×64 config (celeba64)
 #   bench/gpu.sh sample    DDIM-100 and DPM-Solver++(2M)-20 at batch 1,000 (bfloat16 and float32),
 #                          DDIM's profile, Inception features at batch 256
+#   bench/gpu.sh flags     the bfloat16 batch-128 step under XLA flags worth trying, one at a time
+#                          (compare with the train group's run without them)
 #   bench/gpu.sh list      print every group's commands, run nothing
+#
+# A command may start with one VAR=value (no spaces) that is set for that bench alone.
 #
 # Every bench prints JSON lines; they go to stdout and are appended to ${OUT:-bench/out}/<group>.jsonl.
 # Each bench has its own time limit, so one that hangs or fails costs only its own figures and
@@ -36,16 +40,22 @@ commands() {
       echo "180 bench/sampling.py --config=$cifar --batch=1000 --dtype=float32 --methods=ddim:100 --repeats=2"
       echo "120 bench/sampling.py --config=$cifar --methods= --inception_batch=256"
       ;;
+    flags)
+      local step="bench/train_step.py --config=$cifar --batch=128 --dtype=bfloat16"
+      echo "180 XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $step"
+      echo "180 XLA_FLAGS=--xla_gpu_enable_command_buffer= $step"
+      echo "180 XLA_FLAGS=--xla_gpu_autotune_level=0 $step"
+      ;;
     *) return 1 ;;
   esac
 }
 
 if [[ $group == list ]]; then
-  for g in train scale sample; do commands "$g" | sed "s/^/$g /"; done
+  for g in train scale sample flags; do commands "$g" | sed "s/^/$g /"; done
   exit 0
 fi
 if ! commands "$group" >/dev/null; then
-  echo "usage: bench/gpu.sh train|scale|sample|list (got '${group}')" >&2
+  echo "usage: bench/gpu.sh train|scale|sample|flags|list (got '${group}')" >&2
   exit 2
 fi
 
@@ -56,12 +66,17 @@ out=${OUT:-bench/out}
 mkdir -p "$out"
 log="$out/$group.jsonl"
 while read -r limit script args; do
-  echo "# ${PYTHON:-python3} $script $args" >&2
+  setting=()
+  if [[ $script == *=* ]]; then # VAR=value for this bench alone
+    setting=("$script")
+    read -r script args <<<"$args"
+  fi
+  echo "# ${setting[*]:+${setting[*]} }${PYTHON:-python3} $script $args" >&2
   # shellcheck disable=SC2086  # $args is a list of flags
-  timeout -s TERM "$limit" "${PYTHON:-python3}" "$script" $args | tee -a "$log"
+  env "${setting[@]}" timeout -s TERM "$limit" "${PYTHON:-python3}" "$script" $args | tee -a "$log"
   rc=$?
   if ((rc != 0)); then
-    printf '{"bench": "failed", "command": "python %s %s", "rc": %d}\n' "$script" "$args" "$rc" |
-      tee -a "$log"
+    printf '{"bench": "failed", "command": "%spython %s %s", "rc": %d}\n' \
+      "${setting[*]:+${setting[*]} }" "$script" "$args" "$rc" | tee -a "$log"
   fi
 done < <(commands "$group")

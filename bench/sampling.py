@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -137,6 +138,7 @@ def bench_samplers(
             "compile_s": round(compile_s, 2),
             "device": _device_kind(),
             "jax": jax.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
         }
         print(json.dumps(record), flush=True)
         if _PROFILE_DIR.value:
@@ -205,6 +207,7 @@ def main(argv):
             "devices": 1,  # features() runs on the default device
             "device": _device_kind(),
             "jax": jax.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
         }
         print(json.dumps(record), flush=True)
 

@@ -29,6 +29,7 @@ of ops (pass and JAX primitive) with the most, one line each (`bench/xla_profile
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -140,6 +141,7 @@ def main(argv):
         "compile_s": round(compile_s, 2),
         "device": kind,
         "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     print(json.dumps(record), flush=True)
 
