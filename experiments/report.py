@@ -210,24 +210,59 @@ def speedup_section(records, out: pathlib.Path, link: str) -> list[str]:
     return [f"![speedup]({link}speedup.png)", "", *_table(header, rows)]
 
 
-def _train_rows(records, key_label):
-    return [
-        [
-            key_label(r),
-            r["seed"],
-            r["best_fid"],
-            r["best_step"],
-            r["final_fid"],
-            r["t_delta"] if r["settings"].get("timesteps.sampler") == "bernoulli" else None,
-            r["wall_s"] / 60,
-        ]
-        for r in records
+def _seed_summary(records, reference: str = "uniform") -> list[str]:
+    """A row per setting (the run name less its /seedN): its seeds, final digits-FID (mean ± sd
+    over seeds), and the paired difference from `reference` at the same seed (mean ± sd; < 0 is
+    better). Pairing by seed takes out what a seed does to both runs (init, data order)."""
+    settings: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in records:
+        settings.setdefault(r["run"].rsplit("/", 1)[0], {})[r["seed"]] = r
+    ref = settings.get(reference, {})
+
+    def mean_sd(values):  # "+1.23 ± 0.45" (sd over seeds), "+1.23" for one seed
+        values = np.asarray(values, dtype=np.float64)
+        if not values.size:
+            return None
+        sd = f" ± {values.std(ddof=1):.2f}" if values.size > 1 else ""
+        return f"{values.mean():+.2f}{sd}"
+
+    rows = []
+    for setting, runs in settings.items():
+        seeds = sorted(runs)
+        finals = [runs[s]["final_fid"] for s in seeds]
+        paired = [runs[s]["final_fid"] - ref[s]["final_fid"] for s in seeds if s in ref]
+        t_deltas = sorted(
+            {
+                runs[s]["t_delta"]
+                for s in seeds
+                if runs[s]["settings"].get("timesteps.sampler") == "bernoulli"
+            }
+        )
+        rows.append(
+            [
+                setting,
+                len(seeds),
+                mean_sd(finals).lstrip("+"),
+                mean_sd(paired) if setting != reference else "0 (reference)",
+                ", ".join(f"{x:.2f}" for x in finals),
+                ", ".join(map(str, t_deltas)) or None,
+                sum(runs[s]["wall_s"] for s in seeds) / 60,
+            ]
+        )
+    header = [
+        "setting",
+        "seeds",
+        "final digits-FID",
+        f"paired difference from {reference}",
+        "final per seed",
+        "t_δ",
+        "wall min",
     ]
+    return _table(header, rows)
 
 
 def ablations(records, out: pathlib.Path, link: str) -> list[str]:
-    header = ["run", "seed", "best digits-FID", "at step", "final", "t_δ", "wall min"]
-    return _table(header, _train_rows(records, lambda r: r["run"].rsplit("/", 1)[0]))
+    return _seed_summary(records)
 
 
 def combinations(records, out: pathlib.Path, link: str) -> list[str]:
@@ -269,8 +304,7 @@ def samplers(records, out: pathlib.Path, link: str) -> list[str]:
 
 
 def timestep_samplers(records, out: pathlib.Path, link: str) -> list[str]:
-    header = ["sampler", "seed", "best digits-FID", "at step", "final", "t_δ", "wall min"]
-    return _table(header, _train_rows(records, lambda r: r["run"].rsplit("/", 1)[0]))
+    return _seed_summary(records)
 
 
 SECTIONS = {

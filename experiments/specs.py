@@ -43,8 +43,8 @@ class Size:
 
     name: str
     overrides: Mapping[str, Any]  # on configs/digits.py, for every training run
-    seeds: tuple[int, ...]  # the speedup experiment (Tables 1 and 4)
-    other_seeds: tuple[int, ...]  # ablations, combinations, timestep samplers
+    seeds: tuple[int, ...]  # speedup (Tables 1 and 4) and ablations (Figures 5 and 6)
+    other_seeds: tuple[int, ...]  # combinations, timestep samplers
     schedules: tuple[str, ...]
     p_values: tuple[float, ...]
     t_fractions: tuple[float, ...]
@@ -212,7 +212,7 @@ def speedup(size: Size) -> list[Run]:
 def ablations(size: Size) -> list[Run]:
     """Figures 5 and 6: p at t_δ/T = 0.8, t_δ/T at p = 0.8, and the OT-located t_δ."""
     runs = []
-    for seed in size.other_seeds:
+    for seed in size.seeds:
         runs.append(_train(f"uniform/seed{seed}", seed, **UNIFORM))
         for p in dict.fromkeys((*size.p_values, 0.8)):
             runs.append(_train(f"p={p:g}/seed{seed}", seed, **{**BS, "timesteps.p": p}))

@@ -51,6 +51,28 @@ def test_mean_curve_averages_seeds_and_refuses_other_eval_steps():
         report.mean_curve([rec("a", [1, 2], [1.0, 1.0]), rec("b", [1, 3], [1.0, 1.0])])
 
 
+def test_seed_summary_pairs_each_setting_with_the_reference_at_the_same_seed():
+    def rec(run, seed, final, sampler="bernoulli"):
+        settings = {"timesteps.sampler": sampler}
+        return {"run": f"{run}/seed{seed}", "seed": seed, "final_fid": final, "wall_s": 60.0,
+                "t_delta": 800, "settings": settings}  # fmt: skip
+
+    records = [
+        rec("uniform", 0, 10.0, "uniform"),
+        rec("uniform", 1, 12.0, "uniform"),
+        rec("p=0.3", 0, 9.0),
+        rec("p=0.3", 1, 12.5),
+        rec("p=0.5", 2, 11.0),  # no uniform run at seed 2: nothing to pair
+    ]
+    lines = report._seed_summary(records)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:-1]]
+    assert rows[0][:5] == ["uniform", "2", "11.00 ± 1.41", "0 (reference)",
+                           "10.00, 12.00"]  # fmt: skip
+    # p=0.3: finals 9 and 12.5 (mean 10.75, sd 2.47); paired −1.0 and +0.5 (mean −0.25, sd 1.06)
+    assert rows[1][:6] == ["p=0.3", "2", "10.75 ± 2.47", "-0.25 ± 1.06", "9.00, 12.50", "800"]
+    assert rows[2][:4] == ["p=0.5", "1", "11.00", "—"]
+
+
 @pytest.mark.parametrize("size", sorted(specs.SIZES))
 def test_every_run_of_every_size_is_a_valid_config(size):
     spec = specs.SIZES[size]
