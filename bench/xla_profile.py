@@ -27,7 +27,7 @@ DEVICE_OPS_LINE = "XLA Ops"
 
 def latest_xspace(trace_dir: str | Path) -> Path:
     """The newest `*.xplane.pb` that `jax.profiler.trace(trace_dir)` wrote."""
-    files = sorted(Path(trace_dir).glob("plugins/profile/*/*.xplane.pb"))
+    files = list(Path(trace_dir).glob("plugins/profile/*/*.xplane.pb"))
     if not files:
         raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}/plugins/profile/")
     return max(files, key=lambda f: f.stat().st_mtime)
