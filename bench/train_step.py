@@ -4,7 +4,8 @@ The step is the real one (sampler, q_sample, hybrid loss, AdamW, EMA, metrics) o
 batch already on the devices, so the input pipeline is not measured. One JSON line per figure:
 
     {"bench": "train_step", "config": ..., "batch": ..., "dtype": ..., "img_per_s": ...,
-     "tflops": ..., "mfu": ..., "gflop_per_img": ..., "peak_mem_gib": ..., "compile_s": ..., ...}
+     "tflops": ..., "mfu": ..., "gflop_per_img": ..., "peak_mem_gib": ...,
+     "peak_mem_mib_per_img": ..., "compile_s": ..., ...}
 
 `gflop_per_img` is XLA's count of the compiled step (it skips conv taps on zero padding, so the
 CIFAR-10 ADM config counts 52.3 where the padded hand count is 55.6); `tflops` and `mfu` use the
@@ -138,6 +139,7 @@ def main(argv):
         "tflops": round(tflops, 3) if tflops else None,
         "mfu": round(tflops / peak, 4) if (tflops and peak) else None,
         "peak_mem_gib": round(peak_bytes / 2**30, 3) if peak_bytes else None,
+        "peak_mem_mib_per_img": round(peak_bytes / 2**20 / b, 2) if peak_bytes else None,
         "compile_s": round(compile_s, 2),
         "device": kind,
         "jax": jax.__version__,

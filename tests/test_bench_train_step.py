@@ -9,6 +9,8 @@ def test_bench_train_step_smoke_prints_a_json_line_and_a_profile(run_bench, tmp_
     assert record["bench"] == "train_step" and record["config"] == "digits(smoke)"
     assert record["img_per_s"] > 0 and record["compile_s"] > 0
     assert record["gflop_per_img"] > 0 and record["peak_mem_gib"] > 0
+    per_img = record["peak_mem_gib"] * 1024 / record["batch"]
+    assert abs(record["peak_mem_mib_per_img"] - per_img) < 0.01 * per_img + 0.6  # rounding
     assert record["mfu"] is None  # no known peak for a CPU
     assert all(r["bench"] == "train_step_profile" and r["ms_per_call"] > 0 for r in profile)
     ops = [r for r in profile if "op" in r]
