@@ -99,10 +99,10 @@ class JsonlWriter(_ScalarsOnly):
 
 
 class LoggingWriter(_ScalarsOnly):
-    """Scalars to the log, one line per write: `[step] name = value, ...`."""
+    """Scalars to the log, one line per write: `[step] name=value, ...` (as clu logs them)."""
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        values = ", ".join(f"{k} = {float(v):.6g}" for k, v in sorted(scalars.items()))
+        values = ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(scalars.items()))
         logging.info("[%d] %s", step, values)
 
 

@@ -36,7 +36,7 @@ def test_without_tensorflow_scalars_go_to_the_log_and_metrics_jsonl(
         report(200, 1060.0)  # 100 steps in 60 s
         writer.flush()
     assert "TensorBoard summaries are off" in caplog.text
-    assert "[10] grad_norm = 2, loss = 0.5" in caplog.text
+    assert "[10] grad_norm=2, loss=0.5" in caplog.text
     assert "Step 200 of 1000 (20.0%), 1.67 steps/s, 8.0 min left." in caplog.text
     lines = artifacts.read_jsonl(tmp_path / artifacts.METRICS_FILE)
     assert lines == [
@@ -51,7 +51,7 @@ def test_other_processes_only_log(tmp_path, without_tensorflow, caplog):
         writer, _ = metric_log.open_writers(str(tmp_path), is_main=False, num_steps=10)
         writer.write_scalars(1, {"loss": 1.0})
         writer.flush()
-    assert "[1] loss = 1" in caplog.text
+    assert "[1] loss=1" in caplog.text
     assert not (tmp_path / artifacts.METRICS_FILE).exists()
 
 
