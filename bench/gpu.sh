@@ -3,7 +3,7 @@
 # (their time limits add up to at most 9.5 minutes, leaving time to install what is missing):
 #
 #   bench/gpu.sh train     CIFAR-10 ADM step, batch 128: float32, bfloat16, bfloat16 with cuDNN
-#                          attention; the bfloat16 step's profile (top 10 ops)
+#                          attention; the bfloat16 step's profile (top 10 ops and op groups)
 #   bench/gpu.sh scale     the bfloat16 step at batch 256 and 512, and the 64×64 config (celeba64)
 #   bench/gpu.sh sample    DDIM-100 and DPM-Solver++(2M)-20 at batch 1,000 (bfloat16 and float32),
 #                          DDIM's profile, Inception features at batch 256
@@ -73,7 +73,8 @@ while read -r limit script args; do
   fi
   echo "# ${setting[*]:+${setting[*]} }${PYTHON:-python3} $script $args" >&2
   # shellcheck disable=SC2086  # $args is a list of flags
-  env "${setting[@]}" timeout -s TERM "$limit" "${PYTHON:-python3}" "$script" $args | tee -a "$log"
+  env "${setting[@]}" timeout -s TERM "$limit" "${PYTHON:-python3}" "$script" $args </dev/null |
+    tee -a "$log"
   rc=$?
   if ((rc != 0)); then
     printf '{"bench": "failed", "command": "%spython %s %s", "rc": %d}\n' \
