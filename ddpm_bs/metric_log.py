@@ -28,12 +28,12 @@ def open_writers(workdir: str, *, is_main: bool, num_steps: int):
     called by the main process and every other (others log only)."""
     try:
         from clu import metric_writers, periodic_actions
-    except ImportError as e:  # clu.metric_writers imports TensorFlow at import time
-        if "tensorflow" not in str(e).lower():
+    except ImportError as e:  # clu.metric_writers imports TensorFlow and TensorBoard
+        if not any(name in f"{e.name} {e}".lower() for name in ("tensorflow", "tensorboard")):
             raise
         logging.warning(
-            "TensorBoard summaries are off: clu's metric writers need TensorFlow, which is not "
-            "installed (%s). Scalars still go to the log and %s; pip install tensorflow-cpu "
+            "TensorBoard summaries are off: clu's metric writers need TensorFlow and "
+            "TensorBoard, which are not installed (%s). Scalars still go to the log and %s; pip install tensorflow-cpu "
             "for TensorBoard.",
             e,
             artifacts.METRICS_FILE,
