@@ -11,10 +11,11 @@ from support import smoke_config
 from ddpm_bs import artifacts, metric_log, train
 
 
-@pytest.fixture
-def without_tensorflow(monkeypatch):
-    """`import tensorflow` raises ImportError, and clu's writer modules must load again."""
-    monkeypatch.setitem(sys.modules, "tensorflow", None)
+@pytest.fixture(params=["tensorflow"])
+def without_tensorflow(request, monkeypatch):
+    """`import tensorflow` raises ImportError (or the module `request.param` names), and clu's
+    writer modules must load again."""
+    monkeypatch.setitem(sys.modules, request.param, None)
     for name in list(sys.modules):
         if name.startswith(("clu.metric_writers", "clu.periodic_actions")):
             monkeypatch.delitem(sys.modules, name)
@@ -23,6 +24,7 @@ def without_tensorflow(monkeypatch):
             monkeypatch.delattr(sys.modules["clu"], name, raising=False)
 
 
+@pytest.mark.parametrize("without_tensorflow", ["tensorflow", "tensorboard"], indirect=True)
 def test_without_tensorflow_scalars_go_to_the_log_and_metrics_jsonl(
     tmp_path, without_tensorflow, caplog
 ):
