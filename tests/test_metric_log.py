@@ -16,8 +16,8 @@ def without_tensorflow(request, monkeypatch):
     """`import tensorflow` raises ImportError (or the module `request.param` names), and clu's
     writer modules must load again."""
     monkeypatch.setitem(sys.modules, request.param, None)
-    for name in list(sys.modules):
-        if name.startswith(("clu.metric_writers", "clu.periodic_actions")):
+    for name in list(sys.modules):  # loaded submodules would otherwise still import
+        if name.startswith(("clu.metric_writers", "clu.periodic_actions", f"{request.param}.")):
             monkeypatch.delitem(sys.modules, name)
     if "clu" in sys.modules:  # `from clu import x` finds a loaded x as the package's attribute
         for name in ("metric_writers", "periodic_actions"):
