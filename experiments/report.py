@@ -275,7 +275,7 @@ def combinations(records, out: pathlib.Path, link: str) -> list[str]:
             rows.append(
                 [
                     weighting,
-                    seed,
+                    r["seed"],
                     r["best_fid"],
                     b and b["best_fid"],
                     r["final_fid"],
