@@ -33,8 +33,8 @@ def open_writers(workdir: str, *, is_main: bool, num_steps: int):
             raise
         logging.warning(
             "TensorBoard summaries are off: clu's metric writers need TensorFlow and "
-            "TensorBoard, which are not installed (%s). Scalars still go to the log and %s; pip install tensorflow-cpu "
-            "for TensorBoard.",
+            "TensorBoard, which are not installed (%s). Scalars still go to the log and %s; "
+            "pip install tensorflow-cpu for TensorBoard.",
             e,
             artifacts.METRICS_FILE,
         )
