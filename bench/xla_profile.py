@@ -133,11 +133,19 @@ def top_ops(
     """The `k` ops (`by="op"`) or op groups (`by="group"`, `group_of`) with the most time per
     call, largest first, as JSON-ready records; with the compiled module's `hlo_text`, each op
     also says what it is (`describe_ops`), and groups can be told apart."""
+    return _rank(*_read(trace_dir, hlo_text), calls=calls, k=k, by=by)
+
+
+def _read(trace_dir, hlo_text):
+    """(op times, devices, op descriptions) of the trace in `trace_dir`."""
     profile = jax.profiler.ProfileData.from_file(str(latest_xspace(trace_dir)))
     times, devices = op_times(profile)
     if not times:
         raise ValueError(f"the trace in {trace_dir} holds no XLA op events")
-    described = describe_ops(hlo_text) if hlo_text else {}
+    return times, devices, describe_ops(hlo_text) if hlo_text else {}
+
+
+def _rank(times, devices, described, *, calls, k, by):
     if by == "group":
         grouped: dict[str, list[float]] = collections.defaultdict(list)
         for name, durations in times.items():
@@ -168,7 +176,5 @@ def profile(call, *, calls: int, trace_dir: str | Path, hlo_text: str | None = N
         for _ in range(calls):
             out = call()
         jax.block_until_ready(out)
-    return [
-        *top_ops(trace_dir, calls=calls, k=k, hlo_text=hlo_text),
-        *top_ops(trace_dir, calls=calls, k=k, hlo_text=hlo_text, by="group"),
-    ]
+    read = _read(trace_dir, hlo_text)  # the trace and the module text are parsed once
+    return [*_rank(*read, calls=calls, k=k, by="op"), *_rank(*read, calls=calls, k=k, by="group")]
