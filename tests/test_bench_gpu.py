@@ -2,7 +2,8 @@
 that exists, flags that bench defines, and config fields that exist (a renamed flag would
 otherwise surface only on a lent GPU, as a lost group)."""
 
-import importlib.util
+import importlib
+import pathlib
 import re
 import subprocess
 
@@ -61,8 +62,5 @@ def _without_setting(command):
     return command
 
 
-def _load(config_file):
-    spec = importlib.util.spec_from_file_location("config_under_test", ROOT / config_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+def _load(config_file):  # configs/x.py, as the suite loads configs
+    return importlib.import_module(f"configs.{pathlib.Path(config_file).stem}").get_config()
