@@ -11,6 +11,7 @@ Op times come from the device's "XLA Ops" timeline where the trace has one (GPU,
 otherwise from the host's XLA:CPU thunks (the events carrying an `hlo_op` stat). Times are
 summed over devices and divided by `calls` and the number of devices, so `ms_per_call` is
 what one call spends in that op on one device; `share` is the op's part of all op time.
+Given the compiled module's text, only that module's ops count.
 On a CPU several ops run at once on the thread pool, so op time there can exceed wall time.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import re
+import warnings
 from pathlib import Path
 
 import jax
@@ -33,11 +35,16 @@ def latest_xspace(trace_dir: str | Path) -> Path:
     return max(files, key=lambda f: f.stat().st_mtime)
 
 
-def op_times(profile: jax.profiler.ProfileData) -> tuple[dict[str, list[float]], int]:
+def op_times(
+    profile: jax.profiler.ProfileData, module: str | None = None
+) -> tuple[dict[str, list[float]], int]:
     """{op name: [duration in ns, …]} over the trace, and the number of devices it covers.
 
     In order of preference: the devices' "XLA Ops" lines; the devices' kernel events that
     carry an `hlo_op` stat (several kernels of one op add up); the host's XLA:CPU thunks.
+    With `module` (`module_name(hlo_text)`), events whose `hlo_module` stat names another
+    module are left out: a computation still in flight when the trace began (the inputs'
+    random numbers, an earlier step) would otherwise count as ops of the one profiled.
     """
     devices = [p for p in profile.planes if p.name.startswith("/device:")]
     hosts = [p for p in profile.planes if p.name.startswith("/host:")]
@@ -50,14 +57,21 @@ def op_times(profile: jax.profiler.ProfileData) -> tuple[dict[str, list[float]],
                     continue
                 for event in line.events:
                     stats = dict(event.stats)
-                    if ops_line_only or "hlo_op" in stats:
-                        times[str(stats.get("hlo_op", event.name))].append(event.duration_ns)
-                        ordinals.add(
-                            plane.name if planes is devices else stats.get("device_ordinal")
-                        )
+                    if not (ops_line_only or "hlo_op" in stats):
+                        continue
+                    if module and stats.get("hlo_module", module) != module:
+                        continue
+                    times[str(stats.get("hlo_op", event.name))].append(event.duration_ns)
+                    ordinals.add(plane.name if planes is devices else stats.get("device_ordinal"))
         if times:
             return dict(times), max(len(ordinals), 1)
     return {}, 1
+
+
+def module_name(hlo_text: str) -> str | None:
+    """The module's name from its text's `HloModule jit_f, ...` header, as traces name it."""
+    match = re.search(r"^HloModule\s+([\w.\-]+)", hlo_text, re.MULTILINE)
+    return match.group(1) if match else None
 
 
 def describe_ops(hlo_text: str) -> dict[str, str]:
@@ -139,7 +153,14 @@ def top_ops(
 def _read(trace_dir, hlo_text):
     """(op times, devices, op descriptions) of the trace in `trace_dir`."""
     profile = jax.profiler.ProfileData.from_file(str(latest_xspace(trace_dir)))
-    times, devices = op_times(profile)
+    module = module_name(hlo_text) if hlo_text else None
+    times, devices = op_times(profile, module)
+    if not times and module:
+        warnings.warn(
+            f"the trace in {trace_dir} names no op of module {module}; ranking all its ops",
+            stacklevel=3,
+        )
+        times, devices = op_times(profile)
     if not times:
         raise ValueError(f"the trace in {trace_dir} holds no XLA op events")
     return times, devices, describe_ops(hlo_text) if hlo_text else {}

@@ -1,5 +1,6 @@
 """`bench/xla_profile.py`: the profile summary ranks a trace's XLA ops by their time."""
 
+import re
 import sys
 
 import jax
@@ -18,11 +19,19 @@ def test_a_matmul_heavy_function_ranks_its_matmul_first_with_per_call_times(tmp_
     def f(x):
         return x @ x, jnp.sum(x)
 
+    @jax.jit
+    def other(y):  # another module, running inside the trace: none of its ops may count
+        return jnp.cumsum(jnp.sin(y), axis=0)
+
     x = jax.random.normal(jax.random.key(0), (1024, 1024))
     compiled = f.lower(x).compile()
-    records = xla_profile.profile(
-        lambda: compiled(x), calls=3, trace_dir=tmp_path, hlo_text=compiled.as_text()
-    )
+    jax.block_until_ready(other(x))
+
+    def call():
+        other(x)
+        return compiled(x)
+
+    records = xla_profile.profile(call, calls=3, trace_dir=tmp_path, hlo_text=compiled.as_text())
     ops = [r for r in records if "op" in r]
     groups = [r for r in records if "group" in r]
     assert groups[0]["group"] == "forward dot_general" and groups[0]["share"] > 0.8
@@ -31,7 +40,8 @@ def test_a_matmul_heavy_function_ranks_its_matmul_first_with_per_call_times(tmp_
     assert times == sorted(times, reverse=True) and times[0] > 0
     assert "dot_general" in ops[0]["what"] and "f32[1024,1024]" in ops[0]["what"]
     assert ops[0]["share"] > 0.8 and sum(op["share"] for op in ops) <= 1.0 + 1e-6
-    assert all(op["runs_per_call"] == 1.0 for op in ops)  # each op once per call, 3 calls
+    assert all(op["runs_per_call"] == 1.0 for op in ops), ops  # each op once per call
+    assert not any("sin" in (op["what"] or "") or "cumsum" in (op["what"] or "") for op in ops)
 
 
 def test_describe_ops_reads_opcode_fusion_kind_root_shape_and_the_jax_op_name():
@@ -53,6 +63,8 @@ ENTRY %main.9 (p0: f32[2]) -> (f32[2], s32[]) {
   ROOT %tuple.3 = (f32[2]{0}, s32[]) tuple(%a, %b)
 }
 """  # noqa: E501
+    assert xla_profile.module_name(text) is None
+    assert xla_profile.module_name("HloModule jit_step, is_scheduled=true\n" + text) == "jit_step"
     described = xla_profile.describe_ops(text)
     assert described["fusion.12"] == (
         "fusion[Loop] bf16[128,32,32,256] | jit(step)/UNet/conv_general_dilated"
@@ -79,3 +91,15 @@ def test_groups_are_pass_and_primitive_else_the_opcode():
 def test_a_directory_without_a_trace_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no \\*.xplane.pb under"):
         xla_profile.top_ops(tmp_path, calls=1)
+
+
+def test_a_module_the_trace_does_not_name_ranks_all_ops_with_a_warning(tmp_path):
+    f = jax.jit(lambda x: x @ x)
+    x = jnp.ones((256, 256))
+    compiled = f.lower(x).compile()
+    text = re.sub(r"^HloModule \S+", "HloModule jit_elsewhere,", compiled.as_text())
+    with pytest.warns(UserWarning, match="names no op of module jit_elsewhere"):
+        records = xla_profile.profile(
+            lambda: compiled(x), calls=1, trace_dir=tmp_path, hlo_text=text
+        )
+    assert any("dot_general" in (r.get("what") or "") for r in records)
