@@ -40,8 +40,8 @@ def test_a_matmul_heavy_function_ranks_its_matmul_first_with_per_call_times(tmp_
     assert times == sorted(times, reverse=True) and times[0] > 0
     assert "dot_general" in ops[0]["what"] and "f32[1024,1024]" in ops[0]["what"]
     assert ops[0]["share"] > 0.8 and sum(op["share"] for op in ops) <= 1.0 + 1e-6
-    assert all(op["runs_per_call"] == 1.0 for op in ops), ops  # each op once per call
-    assert not any("sin" in (op["what"] or "") or "cumsum" in (op["what"] or "") for op in ops)
+    # Each op once per call; `other`'s ops, were they counted, would also break the shares.
+    assert all(op["runs_per_call"] == 1.0 for op in ops), ops
 
 
 def test_describe_ops_reads_opcode_fusion_kind_root_shape_and_the_jax_op_name():
