@@ -63,6 +63,7 @@ fi
 # in use either way, not this reservation.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 out=${OUT:-bench/out}
+python=${PYTHON:-python3}
 mkdir -p "$out"
 log="$out/$group.jsonl"
 while read -r limit script args; do
@@ -71,13 +72,13 @@ while read -r limit script args; do
     setting=("$script")
     read -r script args <<<"$args"
   fi
-  echo "# ${setting[*]:+${setting[*]} }${PYTHON:-python3} $script $args" >&2
+  cmd="${setting[*]:+${setting[*]} }$python $script $args"
+  echo "# $cmd" >&2
   # shellcheck disable=SC2086  # $args is a list of flags
-  env "${setting[@]}" timeout -s TERM "$limit" "${PYTHON:-python3}" "$script" $args </dev/null |
+  env "${setting[@]}" timeout -s TERM "$limit" "$python" "$script" $args </dev/null |
     tee -a "$log"
   rc=$?
   if ((rc != 0)); then
-    printf '{"bench": "failed", "command": "%spython %s %s", "rc": %d}\n' \
-      "${setting[*]:+${setting[*]} }" "$script" "$args" "$rc" | tee -a "$log"
+    printf '{"bench": "failed", "command": "%s", "rc": %d}\n' "$cmd" "$rc" | tee -a "$log"
   fi
 done < <(commands "$group")
