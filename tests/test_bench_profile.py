@@ -1,4 +1,7 @@
-"""`bench/xla_profile.py`: the profile summary ranks a trace's XLA ops by their time."""
+"""`bench/xla_profile.py`: the profile summary ranks a trace's XLA ops by their time.
+
+No test asserts the order of two measured times (that depends on the machine's load).
+"""
 
 import re
 import sys
@@ -12,9 +15,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import xla_profile  # noqa: E402
 
 
-def test_a_matmul_heavy_function_ranks_its_matmul_first_with_per_call_times(tmp_path):
-    # A 1024² matmul is 2.1 GFLOP (≈ 20 ms here); the sum reads 1 M floats (≈ 0.3 ms), so
-    # the dot must come first, with most of the time, however the machine is loaded.
+def test_a_profile_lists_each_op_of_the_function_once_per_call_with_its_time(tmp_path):
+    # Which op takes the most time depends on the machine and its load: only the structure of
+    # the ranking and the ops it counts are checked, never the order of two measured times.
     @jax.jit
     def f(x):
         return x @ x, jnp.sum(x)
@@ -34,14 +37,19 @@ def test_a_matmul_heavy_function_ranks_its_matmul_first_with_per_call_times(tmp_
     records = xla_profile.profile(call, calls=3, trace_dir=tmp_path, hlo_text=compiled.as_text())
     ops = [r for r in records if "op" in r]
     groups = [r for r in records if "group" in r]
-    assert groups[0]["group"] == "forward dot_general" and groups[0]["share"] > 0.8
-    assert [op["rank"] for op in ops] == list(range(1, len(ops) + 1))
-    times = [op["ms_per_call"] for op in ops]
-    assert times == sorted(times, reverse=True) and times[0] > 0
-    assert "dot_general" in ops[0]["what"] and "f32[1024,1024]" in ops[0]["what"]
-    assert ops[0]["share"] > 0.8 and sum(op["share"] for op in ops) <= 1.0 + 1e-6
+    assert len(ops) + len(groups) == len(records)
+    for ranked in (ops, groups):
+        assert [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1))
+        times = [r["ms_per_call"] for r in ranked]
+        assert times == sorted(times, reverse=True) and times[0] > 0
+        assert sum(r["share"] for r in ranked) <= 1.0 + 1e-6
+    # f's matmul is listed, described by its opcode, shape and JAX op (as is its group).
+    (dot,) = [op for op in ops if "dot_general" in (op["what"] or "")]
+    assert "f32[1024,1024]" in dot["what"] and dot["ms_per_call"] > 0
+    assert "forward dot_general" in {g["group"] for g in groups}
     # Each op once per call; `other`'s ops, were they counted, would also break the shares.
     assert all(op["runs_per_call"] == 1.0 for op in ops), ops
+    assert not any(w in (op["what"] or "") for op in ops for w in ("cumsum", "sin")), ops
 
 
 def test_describe_ops_reads_opcode_fusion_kind_root_shape_and_the_jax_op_name():

@@ -1,5 +1,9 @@
 """The train-step benchmark runs in its smoke mode and prints one well-formed JSON record, then
-its profile's top 10 ops."""
+its profile's top 10 ops and top 10 op groups.
+
+Only structure and invariants are checked: which op of a measured profile takes the most time
+depends on the machine and its load, so no ranking of measured times is asserted.
+"""
 
 
 def test_bench_train_step_smoke_prints_a_json_line_and_a_profile(run_bench, tmp_path):
@@ -12,12 +16,21 @@ def test_bench_train_step_smoke_prints_a_json_line_and_a_profile(run_bench, tmp_
     per_img = record["peak_mem_gib"] * 1024 / record["batch"]
     assert abs(record["peak_mem_mib_per_img"] - per_img) < 0.01 * per_img + 0.6  # rounding
     assert record["mfu"] is None  # no known peak for a CPU
-    assert all(r["bench"] == "train_step_profile" and r["ms_per_call"] > 0 for r in profile)
+    assert all(r["bench"] == "train_step_profile" for r in profile)
     ops = [r for r in profile if "op" in r]
     groups = [r for r in profile if "group" in r]
-    assert [r["rank"] for r in ops] == [r["rank"] for r in groups] == list(range(1, 11))
-    assert any("jit(train_step)" in (op["what"] or "") for op in ops)
-    # Over all ops, convolutions of both passes are among the largest groups of a U-Net step.
-    top = {g["group"] for g in groups[:5]}
-    assert {"forward conv_general_dilated", "backward conv_general_dilated"} <= top, top
+    assert len(ops) + len(groups) == len(profile)
+    for ranked in (ops, groups):
+        assert [r["rank"] for r in ranked] == list(range(1, 11))
+        times = [r["ms_per_call"] for r in ranked]
+        assert times == sorted(times, reverse=True) and times[0] > 0 and times[-1] >= 0
+        assert all(0 <= r["share"] <= 1 and r["runs_per_call"] > 0 for r in ranked)
+        assert sum(r["share"] for r in ranked) <= 1 + 10 * 5e-5  # shares are rounded to 1e-4
+        assert len({r.get("op", r.get("group")) for r in ranked}) == 10
+    # Only the step's own ops count: every op that names its JAX op comes from the step.
+    named = [op["what"].split("| ", 1)[1] for op in ops if op["what"] and "| " in op["what"]]
+    assert all(name.startswith("jit(train_step)") for name in named), named
+    # A group is a pass and a primitive, or an op without a JAX name, or an opcode.
+    assert all(g["group"].split()[0] in ("forward", "backward", "unnamed") or " " not in g["group"]
+               for g in groups), groups  # fmt: skip
     assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))  # the trace is kept
