@@ -167,7 +167,7 @@ def test_debiased_baseline_decays_to_zero_while_naive_rises(gaussian_curve):
     divergence = c.estimates["sinkhorn_divergence"].mean(axis=0)
     assert np.all(np.diff(est) <= 0.01 * est[0]), est  # decays (up to noise)
     assert abs(est[-1]) < 0.01 * est[0] and abs(est[-2]) < 0.02 * est[0], est  # ≈ 0 at large t
-    assert naive[-1] > 2.0 * naive[0], naive  # DESIGN's observation: Eq. 8 as written rises
+    assert naive[-1] > 2.0 * naive[0], naive  # Eq. 8 as written rises (curve's docstring)
     assert np.all(np.diff(naive) > 0), naive
     assert divergence[-1] > divergence[0], divergence
     # The ratio is a W₂ ratio with its band; it starts at 1 and ends near 0.
@@ -262,8 +262,9 @@ def test_perturbed_set_is_a_clipped_noisy_copy_of_set_a():
     config = _digits_config(set_a="all", set_b="perturbed", perturb_std=0.3)
     spec = interval.IntervalSpec.from_config(config.interval)
     from ddpm_bs import data
+    from ddpm_bs.interval import job
 
-    a, b = interval._load_sets(data.DataSpec.from_config(config.data), spec, config.seed)
+    a, b = job._load_sets(data.DataSpec.from_config(config.data), spec, config.seed)
     assert a.shape == b.shape == (60, 8, 8, 1)
     assert b.min() >= -1.0 and b.max() <= 1.0
     assert 0.15 < np.std(b - a) < 0.3
