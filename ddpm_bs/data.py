@@ -37,17 +37,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import importlib.util
 import logging
 import os
-import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+import grain
 import jax
 import numpy as np
+from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
@@ -83,8 +83,13 @@ class DataSpec:
         Labels are returned either way.
       crop_size: if > 0, first take a centered `crop_size`×`crop_size` crop of the raw image
         (e.g. 140 for CelebA 64×64, as DDIM does); 0 crops the largest centered square.
-      prefetch: batches prepared ahead by the loader's background thread.
-      num_workers: threads decoding and resizing images within a batch; 0 = min(16, CPUs).
+      prefetch: batches prepared ahead of the training step (grain's prefetch buffer).
+      num_workers: grain worker processes preparing batches (decoding and resizing; each
+        takes whole batches in turn): 0 prepares them in this process, in grain's prefetch
+        thread; −1 is automatic: min(8, CPUs) for folders and tfds, 0 for the in-memory
+        digits. The batches do not depend on it.
+      num_threads: threads decoding and resizing the images of one batch, in each process
+        that prepares batches; 0 = min(16, CPUs), divided among the worker processes.
       on_corrupt: what an unreadable image in a folder does: 'skip' (logged with its path,
         counted, and replaced by the next readable image in source order, so the batch is
         still a pure function of (seed, step)) or 'halt' (an error naming the file).
@@ -100,7 +105,8 @@ class DataSpec:
     class_conditional: bool = False
     crop_size: int = 0
     prefetch: int = 2
-    num_workers: int = 0
+    num_workers: int = -1
+    num_threads: int = 0
     on_corrupt: str = "skip"
 
     def __post_init__(self):
@@ -111,7 +117,8 @@ class DataSpec:
                 f"data.on_corrupt={self.on_corrupt!r} is unknown; valid values: "
                 f"{', '.join(ON_CORRUPT)}."
             )
-        for field in ("image_size", "channels", "crop_size", "prefetch", "num_workers"):
+        ints = ("image_size", "channels", "crop_size", "prefetch", "num_workers", "num_threads")
+        for field in ints:
             _check_type(f"data.{field}", getattr(self, field), int)
         for field in ("random_flip", "class_conditional"):
             _check_type(f"data.{field}", getattr(self, field), bool)
@@ -130,9 +137,14 @@ class DataSpec:
             )
         if self.prefetch < 1:
             raise ValueError(f"data.prefetch must be ≥ 1, got {self.prefetch}.")
-        if self.num_workers < 0:
+        if self.num_workers < -1:
             raise ValueError(
-                f"data.num_workers must be ≥ 0 (0 = automatic), got {self.num_workers}."
+                f"data.num_workers must be ≥ −1 (−1 = automatic, 0 = in this process), got "
+                f"{self.num_workers}."
+            )
+        if self.num_threads < 0:
+            raise ValueError(
+                f"data.num_threads must be ≥ 0 (0 = automatic), got {self.num_threads}."
             )
         if self.name == "folder" and not self.folder:
             raise ValueError(
@@ -246,6 +258,9 @@ class UnreadableExample(ValueError):
     def __init__(self, path: str, message: str):
         super().__init__(message)
         self.path = path
+
+    def __reduce__(self):  # raised in a grain worker process, re-raised in the trainer's
+        return type(self), (self.path, str(self))
 
 
 class FolderSource:
@@ -484,7 +499,9 @@ class Pipeline:
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._cache: np.ndarray | None = None
-        self.unreadable: set[str] = set()  # paths skipped under on_corrupt='skip'
+        self.num_threads = spec.num_threads or min(16, os.cpu_count() or 1)
+        self.unreadable: dict[str, str] = {}  # path → error, skipped under on_corrupt='skip'
+        self.log_skips = True  # False in grain's worker processes: the loader logs for them
         if isinstance(source, DigitsSource):  # tiny and in memory: preprocess once
             pairs = [self._load(i) for i in range(self.num_examples)]
             self._cache = np.stack([image for image, _ in pairs])
@@ -543,27 +560,38 @@ class Pipeline:
             except UnreadableExample as e:
                 if self.spec.on_corrupt == "halt":
                     raise
-                with self._lock:
-                    new = e.path not in self.unreadable
-                    self.unreadable.add(e.path)
-                if new:
-                    logging.warning(
-                        "data: skipping unreadable image %s (%d so far; data.on_corrupt='skip'): "
-                        "%s",
-                        e.path,
-                        len(self.unreadable),
-                        e,
-                    )
+                self.note_unreadable([(e.path, str(e))])
         raise ValueError(
             f"data.folder: {_MAX_REPLACEMENTS} consecutive images from index {index} cannot be "
             "read; check the folder's files."
         )
 
+    def note_unreadable(self, skipped: Sequence[tuple[str, str]]) -> None:
+        """Counts (path, error) pairs as skipped, logging each path the first time."""
+        for path, error in skipped:
+            with self._lock:
+                new = path not in self.unreadable
+                self.unreadable.setdefault(path, error)
+            if new and self.log_skips:
+                logging.warning(
+                    "data: skipping unreadable image %s (%d so far; data.on_corrupt='skip'): %s",
+                    path,
+                    len(self.unreadable),
+                    error,
+                )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For grain's worker processes: no lock, pool or epoch cache; skips not logged."""
+        state = dict(self.__dict__, _lock=None, _pool=None, _epochs={}, log_skips=False)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
     def _map(self, fn: Callable[[int], Any], indices: Sequence[int]) -> list[Any]:
         with self._lock:
             if self._pool is None:
-                workers = self.spec.num_workers or min(16, os.cpu_count() or 1)
-                self._pool = concurrent.futures.ThreadPoolExecutor(workers, "ddpm_bs-data")
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, "ddpm_bs-data")
             pool = self._pool
         return list(pool.map(fn, indices))
 
@@ -595,44 +623,49 @@ class Pipeline:
 
 
 # --------------------------------------------------------------------------------------------
-# Loader
+# Loader (grain)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Failure:
-    error: BaseException
+_LAST_STEP = np.iinfo(np.int64).max // 2**20  # end of the step range: never reached
 
 
-def _worker(
-    pipeline: Pipeline,
-    place: Callable[[dict[str, np.ndarray]], dict[str, Any]],
-    step: int,
-    stop: threading.Event,
-    out: queue.Queue,
-) -> None:
-    """Puts (step, batch) for step, step+1, ... into `out` until `stop` is set."""
-    while not stop.is_set():
-        try:
-            item: Any = place(pipeline.batch_at(step))
-        except BaseException as e:  # handed to the consumer, re-raised there
-            item = _Failure(e)
-        while not stop.is_set():
-            try:
-                out.put((step, item), timeout=0.05)
-                break
-            except queue.Full:
-                continue
-        if isinstance(item, _Failure):
-            return
-        step += 1
+class _BatchAt:
+    """The grain map from a step to (step, this process's host batch, newly skipped paths).
+
+    Runs in grain's prefetch threads or, pickled, in its worker processes. The skipped paths
+    ride along with the batch because a worker's `Pipeline.unreadable` is its own copy.
+    """
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self._reported: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"pipeline": self.pipeline}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["pipeline"])
+
+    def __call__(self, step: int) -> tuple[int, dict[str, np.ndarray], tuple[tuple[str, str], ...]]:
+        batch = self.pipeline.batch_at(int(step))
+        with self._lock:
+            unreadable = self.pipeline.unreadable
+            new = tuple((p, unreadable[p]) for p in sorted(unreadable.keys() - self._reported))
+            self._reported.update(p for p, _ in new)
+        return int(step), batch, new
 
 
 class Loader:
     """Iterator over batches whose whole state is the step of the next batch.
 
-    A background thread prepares the next `prefetch` batches (decoding and resizing in a
-    thread pool) and, given a sharding, places each as a global `jax.Array` with
-    `jax.make_array_from_process_local_data`. Use it as a context manager or call `close()`.
+    A grain pipeline over the steps: `MapDataset.range(step, …).map(batch_at)`, prefetched
+    by `prefetch` batches, in `num_workers` grain worker processes (each preparing whole
+    batches, decoding with its own thread pool) or, with 0, in grain's prefetch thread in
+    this process. A grain thread then places each batch as a global `jax.Array` with
+    `jax.make_array_from_process_local_data`, given a sharding. The step is the checkpointed
+    state rather than grain's iterator state, which depends on the worker count: a run may
+    resume with other `data.num_workers`. Use it as a context manager or call `close()`.
 
     Yields:
       dict(image=[B, H, W, C] float32, label=[B] int32): global jax.Arrays sharded by
@@ -646,14 +679,14 @@ class Loader:
         sharding: NamedSharding | None = None,
         start_step: int = 0,
         prefetch: int = 2,
+        num_workers: int = 0,
     ):
         self.pipeline = pipeline
         self.sharding = sharding
         self.prefetch = prefetch
+        self.num_workers = num_workers
         self._step = int(start_step)
-        self._thread: threading.Thread | None = None
-        self._stop: threading.Event | None = None
-        self._queue: queue.Queue | None = None
+        self._iterator: grain.DatasetIterator | None = None
 
     # State ----------------------------------------------------------------------------------
     @property
@@ -670,7 +703,7 @@ class Loader:
         step = int(np.asarray(state["step"]))
         if step < 0:
             raise ValueError(f"data loader state: step must be ≥ 0, got {step}.")
-        self._stop_worker()
+        self._close_iterator()
         self._step = step
 
     # Batches --------------------------------------------------------------------------------
@@ -688,7 +721,7 @@ class Loader:
 
     @property
     def skipped_examples(self) -> int:
-        """Unreadable files skipped so far (data.on_corrupt='skip')."""
+        """Unreadable files skipped so far (data.on_corrupt='skip'), in any worker."""
         return len(self.pipeline.unreadable)
 
     @property
@@ -705,55 +738,55 @@ class Loader:
         }
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
-        """This process's host batch at `step` (no thread, no device), as `Pipeline.batch_at`."""
+        """This process's host batch at `step` (no grain, no device), as `Pipeline.batch_at`."""
         return self.pipeline.batch_at(step)
 
     def __iter__(self) -> Loader:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        if self._thread is None:
-            self._start_worker()
-        assert self._queue is not None and self._thread is not None
-        while True:
-            try:
-                step, item = self._queue.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    self._stop_worker()
-                    raise RuntimeError("ddpm_bs data loader thread stopped unexpectedly.") from None
-        if isinstance(item, _Failure):
-            self._stop_worker()  # the next call retries this step
-            raise item.error
+        if self._iterator is None:
+            self._iterator = iter(self._dataset(self._step))
+        try:
+            step, batch = next(self._iterator)
+        except BaseException:
+            self._close_iterator()  # the next call retries this step
+            raise
         assert step == self._step, (step, self._step)
         self._step += 1
-        return item
+        return batch
 
-    # Thread ---------------------------------------------------------------------------------
-    def _start_worker(self) -> None:
-        self._stop = threading.Event()
-        self._queue = queue.Queue(maxsize=self.prefetch)
-        place = functools.partial(
-            _place, sharding=self.sharding, global_batch_size=self.global_batch_size
-        )
-        self._thread = threading.Thread(
-            target=_worker,
-            args=(self.pipeline, place, self._step, self._stop, self._queue),
-            name="ddpm_bs-data-loader",
-            daemon=True,
-        )
-        self._thread.start()
+    def _dataset(self, start: int) -> grain.IterDataset:
+        """Batches from step `start` on: grain map → worker processes → device placement."""
+        in_process = grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.prefetch)
+        steps = grain.MapDataset.range(start, _LAST_STEP).map(_BatchAt(self.pipeline))
+        dataset = steps.to_iter_dataset(in_process)
+        if self.num_workers:
+            options = grain.MultiprocessingOptions(
+                num_workers=self.num_workers,
+                per_worker_buffer_size=max(1, -(-self.prefetch // self.num_workers)),
+            )
+            if not flags.FLAGS.is_parsed():  # grain reads an absl flag as its workers start
+                flags.FLAGS.mark_as_parsed()  # (library callers, pytest): keep the defaults
+            dataset = dataset.mp_prefetch(options)
+        dataset = dataset.map(self._receive)
+        return grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=1)
 
-    def _stop_worker(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-        self._thread = self._stop = self._queue = None
+    def _receive(self, item: tuple[int, dict[str, np.ndarray], tuple[tuple[str, str], ...]]):
+        """(step, placed batch), counting the paths a worker process skipped."""
+        step, batch, skipped = item
+        if self.num_workers:  # threads share the pipeline's set; workers report their own
+            self.pipeline.note_unreadable(skipped)
+        return step, _place(batch, self.sharding, self.global_batch_size)
+
+    def _close_iterator(self) -> None:
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None:
+            iterator.close()
 
     def close(self) -> None:
-        """Stops the prefetch thread and the decode pool; the state is kept."""
-        self._stop_worker()
+        """Stops grain's threads and worker processes and the decode pool; the state is kept."""
+        self._close_iterator()
         self.pipeline.close()
 
     def __enter__(self) -> Loader:
@@ -761,10 +794,6 @@ class Loader:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-    def __del__(self):
-        if getattr(self, "_stop", None) is not None:
-            self._stop.set()
 
 
 def _place(
@@ -876,7 +905,19 @@ def build(
     pipeline = Pipeline(
         source, spec, seed=int(seed), global_batch_size=int(global_batch_size), rows=rows
     )
-    return Loader(pipeline, sharding=sharding, start_step=start_step, prefetch=spec.prefetch)
+    workers = spec.num_workers
+    if workers == -1:
+        in_memory = isinstance(source, DigitsSource)
+        workers = 0 if in_memory else min(8, os.cpu_count() or 1)
+    if workers and not spec.num_threads:
+        pipeline.num_threads = max(1, pipeline.num_threads // workers)
+    return Loader(
+        pipeline,
+        sharding=sharding,
+        start_step=start_step,
+        prefetch=spec.prefetch,
+        num_workers=workers,
+    )
 
 
 def load_all(

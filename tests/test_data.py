@@ -1,9 +1,11 @@
 """Tests for ddpm_bs.data: sources, preprocessing, deterministic order, sharding, errors."""
 
+import dataclasses
 import os
 import socket
 import subprocess
 import sys
+import threading
 
 import jax
 import ml_collections
@@ -145,7 +147,9 @@ def test_each_epoch_visits_every_example_exactly_once():
 def test_dataset_smaller_than_a_batch_wraps_epochs(tmp_path):
     for i in range(3):
         Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
-    spec = data.DataSpec(name="folder", folder=str(tmp_path), image_size=8, random_flip=False)
+    spec = data.DataSpec(
+        name="folder", num_workers=0, folder=str(tmp_path), image_size=8, random_flip=False
+    )
     with data.build(spec, seed=0, global_batch_size=8) as loader:
         indices, _ = loader.pipeline.indices_at(0)
         batch = next(loader)
@@ -203,13 +207,16 @@ def test_mesh_loader_yields_global_arrays_sharded_over_data():
                 np.testing.assert_array_equal(np.asarray(array), expected)
 
 
-def test_close_stops_the_prefetch_thread():
+def test_close_stops_the_prefetch_threads():
+    before = set(threading.enumerate())
     loader = data.build(DIGITS_8, seed=0, global_batch_size=8)
     next(loader)
-    thread = loader._thread
-    assert thread is not None and thread.is_alive()
+    started = set(threading.enumerate()) - before
+    assert started  # grain's prefetch threads
     loader.close()
-    assert not thread.is_alive()
+    for thread in started:
+        thread.join(timeout=10)
+        assert not thread.is_alive(), thread.name
     assert loader.get_state() == {"step": 1}
 
 
@@ -218,7 +225,7 @@ def test_close_stops_the_prefetch_thread():
 
 
 def test_tfds_cifar10_mock_through_data_source(no_network):
-    spec = data.DataSpec(name="cifar10", image_size=16, random_flip=False)
+    spec = data.DataSpec(name="cifar10", image_size=16, random_flip=False, num_workers=0)
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=20):
         raw = tfds.data_source("cifar10", split="train", download=False)
         assert raw[0]["image"].shape == (32, 32, 3)
@@ -241,7 +248,7 @@ def test_tfds_path_imports_no_tensorflow():
         "import sys, tensorflow_datasets as tfds\n"
         "from ddpm_bs import data\n"
         "with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=8):\n"
-        "    with data.build(data.DataSpec(name='cifar10', image_size=8), seed=0,"
+        "    with data.build(data.DataSpec(name='cifar10', image_size=8, num_workers=0), seed=0,"
         " global_batch_size=4) as loader:\n"
         "        next(loader)\n"
         "assert 'tensorflow' not in sys.modules, 'the array_record path imported TensorFlow'\n"
@@ -331,7 +338,9 @@ def test_folder_images_are_center_cropped_and_resized(image_folder):
 def test_folder_with_a_corrupt_image_halts_naming_its_path(image_folder):
     bad = image_folder / "dog" / "zzz.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
-    spec = data.DataSpec(name="folder", folder=str(image_folder), image_size=8, on_corrupt="halt")
+    spec = data.DataSpec(
+        name="folder", num_workers=0, folder=str(image_folder), image_size=8, on_corrupt="halt"
+    )
     with pytest.raises(ValueError, match=r"data\.folder.*zzz\.png"):
         data.load_all(spec)
     with data.build(spec, seed=0, global_batch_size=5) as loader:  # 5 images: every batch has it
@@ -343,7 +352,9 @@ def test_folder_with_a_corrupt_image_halts_naming_its_path(image_folder):
 def test_folder_with_a_corrupt_image_skips_and_counts_it(image_folder, caplog):
     bad = image_folder / "dog" / "zzz.png"  # last in source order: replaced by index 0, cat/a.png
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
-    spec = data.DataSpec(name="folder", folder=str(image_folder), image_size=8, random_flip=False)
+    spec = data.DataSpec(
+        name="folder", num_workers=0, folder=str(image_folder), image_size=8, random_flip=False
+    )
     with data.build(spec, seed=0, global_batch_size=5) as loader, caplog.at_level("WARNING"):
         batches = [next(loader) for _ in range(3)]  # the corrupt file is in every batch
         assert loader.skipped_examples == 1
@@ -353,6 +364,26 @@ def test_folder_with_a_corrupt_image_skips_and_counts_it(image_folder, caplog):
     for step, batch in enumerate(batches):
         indices, _ = loader.pipeline.indices_at(step)
         np.testing.assert_array_equal(batch["image"], readable[np.where(indices == 4, 0, indices)])
+
+
+def test_worker_processes_give_the_same_batches_and_count_skips_once(image_folder, caplog):
+    bad = image_folder / "dog" / "zzz.png"  # in every batch of 5: both workers meet it
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    spec = data.DataSpec(name="folder", folder=str(image_folder), image_size=8, num_workers=2)
+    in_process = dataclasses.replace(spec, num_workers=0)
+    with data.build(in_process, seed=0, global_batch_size=5) as loader:
+        expected = _collect(loader, 4)
+    caplog.clear()
+    with data.build(spec, seed=0, global_batch_size=5) as loader, caplog.at_level("WARNING"):
+        assert loader.num_workers == 2
+        _assert_batches_equal(_collect(loader, 4), expected)
+        assert loader.skipped_examples == 1  # counted in this process, once over the workers
+    assert sum("zzz.png" in r.getMessage() for r in caplog.records) == 1
+    halting = dataclasses.replace(spec, on_corrupt="halt", num_workers=1)
+    with data.build(halting, seed=0, global_batch_size=5) as loader:
+        with pytest.raises(ValueError, match=r"data\.folder.*zzz\.png"):
+            next(loader)
+        assert loader.step == 0
 
 
 def test_folder_with_a_corrupt_first_image_fails_at_build_when_halting(tmp_path):
