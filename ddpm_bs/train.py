@@ -8,6 +8,7 @@ configured sampler; x_t by `q_sample`; per-example loss; optional importance wei
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -17,7 +18,6 @@ import shutil
 import time
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,6 +32,7 @@ from ddpm_bs import (
     checkpointing,
     data,
     diffusion,
+    fields,
     losses,
     metric_log,
     preemption,
@@ -41,123 +42,13 @@ from ddpm_bs import (
     timesteps,
     validate,
 )
+from ddpm_bs import state as state_lib
 from ddpm_bs.models import unet
 
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything that shapes the next step (the data position is saved beside it)."""
-
-    step: jax.Array  # [] int32: steps taken.
-    params: Any
-    ema_params: tuple[Any, ...]  # One params tree per rate in config.train.ema_rates.
-    opt_state: Any
-    sampler_state: Any  # The loss-aware sampler's history; None for stateless samplers.
-    # Steps whose loss or gradient was not finite: their update was not applied.
-    skipped_steps: jax.Array  # [] int32
-    first_skipped_step: jax.Array  # [] int32: the first such step (1-based), −1 if none.
-
-
-# --- Builders: config → library objects ----------------------------------------------------
-
-
-def build_model(config: ml_collections.ConfigDict) -> unet.UNet:
-    m = config.model
-    model = unet.UNet(
-        image_size=config.data.image_size,
-        in_channels=config.data.channels,
-        model_channels=m.model_channels,
-        learn_sigma=m.learn_sigma,
-        num_res_blocks=m.num_res_blocks,
-        attention_resolutions=tuple(m.attention_resolutions),
-        dropout=m.dropout,
-        channel_mult=tuple(m.channel_mult),
-        num_classes=m.num_classes or None,
-        num_heads=m.num_heads,
-        num_head_channels=m.num_head_channels,
-        use_scale_shift_norm=m.use_scale_shift_norm,
-        resblock_updown=m.resblock_updown,
-        dtype=unet.DTYPES[m.dtype],
-        attention_implementation=m.attention_implementation,
-    )
-    unet.check_config(model)
-    return model
-
-
-def build_sampler(config: ml_collections.ConfigDict):
-    ts, num_timesteps = config.timesteps, config.diffusion.num_timesteps
-    if ts.sampler not in timesteps.CONFIG_FIELDS:
-        raise ValueError(
-            f"timesteps.sampler={ts.sampler!r} is unknown; valid samplers: "
-            f"{', '.join(timesteps.CONFIG_FIELDS)}."
-        )
-    if ts.sampler == "bernoulli" and not isinstance(ts.t_delta, int):
-        raise ValueError(
-            f"timesteps.t_delta={ts.t_delta!r} must be an integer in [1, {num_timesteps}] "
-            "(train_and_evaluate resolves 'auto' with the optimal-transport locator first)."
-        )
-    kwargs = {
-        argument: tuple(ts[field]) if isinstance(ts[field], (list, tuple)) else ts[field]
-        for argument, field in timesteps.CONFIG_FIELDS[ts.sampler].items()
-    }
-    if ts.sampler == "lognormal":
-        kwargs["schedule"] = config.diffusion.schedule
-    return timesteps.get_sampler(ts.sampler, num_timesteps, **kwargs)
-
-
-def build_loss(config: ml_collections.ConfigDict) -> losses.LossSpec:
-    lc = config.loss
-    return losses.LossSpec(
-        target=lc.target,
-        weighting=lc.weighting,
-        p2_k=lc.p2_k,
-        p2_gamma=lc.p2_gamma,
-        min_snr_gamma=lc.min_snr_gamma,
-        max_weight=lc.max_weight,
-        learn_sigma=config.model.learn_sigma,
-    )
-
-
-def build_optimizer(config: ml_collections.ConfigDict):
-    """AdamW with linear warm-up then a constant rate (ADM), and global-norm clipping."""
-    o = config.optim
-    if o.warmup_steps > 0:
-        lr = optax.join_schedules(
-            [optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
-            [o.warmup_steps],
-        )
-    else:
-        lr = optax.constant_schedule(o.lr)
-    adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
-    return tx, lr
-
-
-def build_mesh(config: ml_collections.ConfigDict) -> Mesh:
-    return sharding.make_mesh(config.mesh.data, config.mesh.get("fsdp", 1))
+TrainState = state_lib.TrainState
 
 
 # --- The step --------------------------------------------------------------------------------
-
-
-def init_state(key, *, model, tx, sampler, image_shape, num_classes, num_ema) -> TrainState:
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    y = jnp.zeros((1,), jnp.int32) if num_classes else None
-    params = model.init({"params": key}, x, t, y, train=False)["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        ema_params=tuple(params for _ in range(num_ema)),
-        opt_state=tx.init(params),
-        sampler_state=sampler.init_state() if _is_stateful(sampler) else None,
-        skipped_steps=jnp.zeros((), jnp.int32),
-        first_skipped_step=jnp.full((), -1, jnp.int32),
-    )
-
-
-def _is_stateful(sampler) -> bool:
-    return getattr(sampler, "stateful", False)
 
 
 def train_step(
@@ -183,20 +74,18 @@ def train_step(
       batch: 'image' [B, H, W, C] float32 in [−1, 1] and 'label' [B] int32.
       train_key: the run's training key; the step's key is fold_in(train_key, state.step).
     """
-    x0 = batch["image"]
-    bsz = x0.shape[0]
+    x0 = batch["image"]  # [B, H, W, C]
     key = jax.random.fold_in(train_key, state.step)
     t_key, noise_key, dropout_key = jax.random.split(key, 3)
-    if _is_stateful(sampler):
-        t = sampler(t_key, (bsz,), state.sampler_state)
-    else:
-        t = sampler(t_key, (bsz,))
+
+    t = _draw_timesteps(sampler, state.sampler_state, t_key, x0.shape[0])  # [B]
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     xt = diffusion.q_sample(schedule, x0, t, noise)
-    if importance_weighting:
-        example_weight = timesteps.importance_weights(sampler, t, state.sampler_state)
-    else:
-        example_weight = jnp.ones((bsz,), jnp.float32)
+    weight = (
+        timesteps.importance_weights(sampler, t, state.sampler_state)
+        if importance_weighting
+        else jnp.ones(t.shape, jnp.float32)
+    )
     y = batch["label"] if class_conditional else None
 
     def loss_fn(params, xt, t, x0, noise, y, weight, rng):
@@ -204,61 +93,28 @@ def train_step(
         terms = losses.per_example_loss(loss_spec, schedule, out, x0, xt, t, noise)
         return jnp.mean(terms["loss"] * weight), terms
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    micro = (xt, t, x0, noise, y, example_weight)
-    if grad_accum_steps == 1:
-        (_, terms), grads = grad_fn(state.params, *micro, dropout_key)
-    else:
-        # Micro-batch i holds rows i, i+A, i+2A, …: each device's rows stay on it.
-        def split(a):
-            if a is None:
-                return None
-            a = a.reshape((bsz // grad_accum_steps, grad_accum_steps) + a.shape[1:])
-            return jnp.moveaxis(a, 1, 0)
+    grads, terms = _gradients(
+        loss_fn, state.params, (xt, t, x0, noise, y, weight), dropout_key, grad_accum_steps
+    )
+    loss = jnp.mean(terms["loss"] * weight)
+    grad_norm = optax.tree.norm(grads)
 
-        def body(acc, inputs):
-            i, mb = inputs
-            (_, mb_terms), g = grad_fn(state.params, *mb, jax.random.fold_in(dropout_key, i))
-            return jax.tree.map(jnp.add, acc, g), mb_terms
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        micro_split = tuple(split(a) for a in micro)
-        grads, terms = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro_split))
-        grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
-        # Undo the split so per-example terms line up with t again.
-        terms = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape((bsz,)), terms)
-
-    loss = jnp.mean(terms["loss"] * example_weight)
-    grad_norm = _global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = tuple(
-        jax.tree.map(lambda e, p, r=rate: r * e + (1.0 - r) * p, ema, params)
-        for rate, ema in zip(ema_rates, state.ema_params, strict=True)
+        ema_update(ema, params, rate) for rate, ema in zip(ema_rates, state.ema_params, strict=True)
     )
     sampler_state = state.sampler_state
-    if _is_stateful(sampler):
+    if state_lib.is_stateful(sampler):
         sampler_state = sampler.update(sampler_state, t, jax.lax.stop_gradient(terms["loss"]))
-    # A non-finite loss or gradient (bad data, an overflow) must not reach the weights: the
-    # step is skipped on device, with no host sync, and counted; the loop decides what to do.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, ema_params, opt_state, sampler_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old),
-        (params, ema_params, opt_state, sampler_state),
-        (state.params, state.ema_params, state.opt_state, state.sampler_state),
-    )
-    step = state.step + 1
-    first_skipped = jnp.where(
-        finite | (state.first_skipped_step >= 0), state.first_skipped_step, step
-    )
-    new_state = TrainState(
-        step=step,
+
+    new_state = _apply_if_finite(
+        state,
+        jnp.isfinite(loss) & jnp.isfinite(grad_norm),
         params=params,
         ema_params=ema_params,
         opt_state=opt_state,
         sampler_state=sampler_state,
-        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
-        first_skipped_step=first_skipped,
     )
     metrics = {
         "loss": loss,
@@ -268,25 +124,96 @@ def train_step(
         "skipped_steps": new_state.skipped_steps,
         "lr": lr_schedule(state.step),
         "t_mean": jnp.mean(t.astype(jnp.float32)),
+        **loss_by_quarter(terms["loss"], t, schedule.num_timesteps),
     }
-    # improved-diffusion's loss_q0..q3: mean loss over the examples in each quarter of [0, T).
-    quarter = (t * 4) // schedule.num_timesteps
-    for q in range(4):
-        mask = (quarter == q).astype(jnp.float32)
-        metrics[f"loss_q{q}"] = jnp.sum(terms["loss"] * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     return new_state, metrics
 
 
-def _global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+def _draw_timesteps(sampler, sampler_state, key: jax.Array, batch_size: int) -> jax.Array:
+    """t [B] int32 from the configured law (the loss-aware one reads its state)."""
+    if state_lib.is_stateful(sampler):
+        return sampler(key, (batch_size,), sampler_state)
+    return sampler(key, (batch_size,))
+
+
+def _gradients(loss_fn, params, inputs, dropout_key, grad_accum_steps: int):
+    """(mean gradient, per-example loss terms [B]) over `grad_accum_steps` micro-batches.
+
+    Micro-batch i holds rows i, i+A, i+2A, …, so each device's rows stay on it; the gradients are
+    averaged and the per-example terms put back in batch order.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum_steps == 1:
+        (_, terms), grads = grad_fn(params, *inputs, dropout_key)
+        return grads, terms
+    batch_size = inputs[0].shape[0]
+
+    def split(a):
+        if a is None:
+            return None
+        a = a.reshape((batch_size // grad_accum_steps, grad_accum_steps) + a.shape[1:])
+        return jnp.moveaxis(a, 1, 0)
+
+    def body(acc, micro):
+        i, mb = micro
+        (_, mb_terms), g = grad_fn(params, *mb, jax.random.fold_in(dropout_key, i))
+        return jax.tree.map(jnp.add, acc, g), mb_terms
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    micro_batches = (jnp.arange(grad_accum_steps), tuple(split(a) for a in inputs))
+    grads, terms = jax.lax.scan(body, zeros, micro_batches)
+    grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+    terms = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape((batch_size,)), terms)
+    return grads, terms
+
+
+def ema_update(ema: Any, params: Any, rate: float) -> Any:
+    """The exponential moving average r·ema + (1 − r)·params, leaf by leaf."""
+    return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
+
+
+def _apply_if_finite(state: TrainState, finite: jax.Array, **updated) -> TrainState:
+    """The next state: `updated` when the step was finite, else the old values, counted skipped.
+
+    A non-finite loss or gradient (bad data, an overflow) must not reach the weights: the step
+    is skipped on device, with no host sync, and counted; the loop decides what to do.
+    """
+    kept = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        updated,
+        {name: getattr(state, name) for name in updated},
+    )
+    step = state.step + 1
+    first_skipped = jnp.where(
+        finite | (state.first_skipped_step >= 0), state.first_skipped_step, step
+    )
+    return state.replace(
+        step=step,
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+        first_skipped_step=first_skipped,
+        **kept,
+    )
+
+
+def loss_by_quarter(loss: jax.Array, t: jax.Array, num_timesteps: int) -> dict[str, jax.Array]:
+    """improved-diffusion's loss_q0..q3: the mean loss [B] of the examples in each quarter of [0, T)."""
+    quarter = (t * 4) // num_timesteps
+    out = {}
+    for q in range(4):
+        mask = (quarter == q).astype(jnp.float32)
+        out[f"loss_q{q}"] = jnp.sum(loss * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return out
 
 
 # --- The loop --------------------------------------------------------------------------------
 
 
 def itstime(step: int, every: int, last: int) -> bool:
-    """Periodic work happens every `every` steps (0 = never) and at the last step."""
-    return step == last or (every > 0 and step % every == 0)
+    """Whether periodic work is due: every `every` steps and at the last step; never if every=0.
+
+    One predicate for logging, checkpoints, sample grids and evaluation.
+    """
+    return every > 0 and (step % every == 0 or step == last)
 
 
 class Trainer:
@@ -294,57 +221,36 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
         self.config = config
-        self.mesh = mesh or build_mesh(config)
+        self.mesh = mesh or state_lib.build_mesh(config)
         n_shards = sharding.num_batch_shards(self.mesh)
         if config.train.batch_size % (n_shards * config.train.grad_accum_steps):
-            raise ValueError(
+            raise SetupError(
                 f"train.batch_size={config.train.batch_size} must be divisible by the "
                 f"{n_shards} devices the batch is split over (mesh.data × mesh.fsdp) × "
                 f"train.grad_accum_steps={config.train.grad_accum_steps}."
             )
-        self.model = build_model(config)
-        self.sampler = build_sampler(config)
-        self.schedule = schedules.get_schedule(
-            config.diffusion.schedule, config.diffusion.num_timesteps
-        )
-        self.loss_spec = build_loss(config)
-        self.tx, self.lr_schedule = build_optimizer(config)
-        self.image_shape = (config.data.image_size,) * 2 + (config.data.channels,)
-        root = jax.random.key(config.seed)
-        init_key, self.train_key, self.sample_key = jax.random.split(root, 3)
-        # Parameter init runs once, replicated: an RBG key compiles it ~2× faster than threefry
-        # on CPU. Still derived from the root seed, so runs stay reproducible.
-        self.init_key = jax.random.wrap_key_data(
-            jax.random.bits(init_key, (4,), jnp.uint32), impl="rbg"
-        )
+        parts = state_lib.build(config)
+        self.parts = parts
+        self.model, self.sampler, self.schedule = parts.model, parts.sampler, parts.schedule
+        self.image_shape = parts.image_shape
+        keys = state_lib.run_keys(config.seed)
+        self.init_key, self.train_key, self.sample_key = keys.init, keys.train, keys.sample
 
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = sharding.batch_sharding(self.mesh)
-        init_fn = functools.partial(
-            init_state,
-            model=self.model,
-            tx=self.tx,
-            sampler=self.sampler,
-            image_shape=self.image_shape,
-            num_classes=config.model.num_classes,
-            num_ema=len(config.train.ema_rates),
-        )
-        self.abstract_state = jax.eval_shape(init_fn, self.init_key)
-        self.state_sharding = sharding.state_shardings(self.abstract_state, self.mesh)
-        self.abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            self.abstract_state,
-            self.state_sharding,
+        init_fn = parts.init_fn()
+        self.abstract_state, self.state_sharding = state_lib.abstract_state(
+            init_fn, self.init_key, self.mesh
         )
         self._init = jax.jit(init_fn, out_shardings=self.state_sharding)
         step_fn = functools.partial(
             train_step,
-            model=self.model,
-            tx=self.tx,
-            lr_schedule=self.lr_schedule,
-            sampler=self.sampler,
-            schedule=self.schedule,
-            loss_spec=self.loss_spec,
+            model=parts.model,
+            tx=parts.tx,
+            lr_schedule=parts.lr_schedule,
+            sampler=parts.sampler,
+            schedule=parts.schedule,
+            loss_spec=parts.loss_spec,
             ema_rates=tuple(config.train.ema_rates),
             grad_accum_steps=config.train.grad_accum_steps,
             importance_weighting=config.timesteps.importance_weighting,
@@ -362,54 +268,46 @@ class Trainer:
         return self._init(self.init_key)
 
     def sample(self, params, num: int, key: jax.Array | None = None) -> np.ndarray:
-        """DDIM samples from `params` as uint8 [num, H, W, C]."""
+        """`num` samples of `params` as uint8 [num, H, W, C], drawn as --mode=sample draws them.
+
+        The method and its options come from `config.sample`, the step count from
+        `train.sample_steps`; batches of `sample.batch_size` are split over the mesh.
+        """
         config = self.config
-        key = self.sample_key if key is None else key
-        y = (
-            jnp.arange(num, dtype=jnp.int32) % config.model.num_classes
-            if config.model.num_classes
-            else None
+        spec = sampling.SampleSpec.from_config(config.sample).replace(
+            steps=min(config.train.sample_steps, config.diffusion.num_timesteps), num_samples=num
         )
-        fn = _sample_fn(self.model, config, num, self.image_shape)
-        return sampling.to_uint8(fn(params, key, y))
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_sample_fn(model, key_fields, num, image_shape):
-    schedule_name, num_timesteps, steps, target, learn_sigma = key_fields
-
-    @jax.jit
-    def fn(params, key, y):
-        def model_fn(x, t):
-            return model.apply({"params": params}, x, t, y, train=False)
-
-        return sampling.ddim_sample(
-            model_fn,
-            schedule_name,
-            num_timesteps,
-            (num, *image_shape),
-            key,
-            steps=steps,
-            target=target,
-            learn_sigma=learn_sigma,
+        images, _ = sampling.draw_images(
+            spec,
+            self.model,
+            params,
+            self.mesh,
+            self.schedule,
+            self.image_shape,
+            self.sample_key if key is None else key,
+            target=config.loss.target,
+            learn_sigma=config.model.learn_sigma,
+            num_classes=config.model.num_classes,
         )
-
-    return fn
-
-
-def _sample_fn(model, config, num, image_shape):
-    fields = (
-        config.diffusion.schedule,
-        config.diffusion.num_timesteps,
-        min(config.train.sample_steps, config.diffusion.num_timesteps),
-        config.loss.target,
-        config.model.learn_sigma,
-    )
-    return _cached_sample_fn(model, fields, num, image_shape)
+        return images
 
 
-class SetupError(ValueError):
-    """A problem with the config, the data or the workdir, found before any training step."""
+SetupError = fields.SetupError
+
+
+@contextlib.contextmanager
+def _input_problems():
+    """Turns the errors a library raises about the user's files into a one-line SetupError.
+
+    Only around calls that read the user's data, workdir or checkpoints: anything else that
+    fails during setup is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        if isinstance(e, SetupError):
+            raise
+        raise SetupError(str(e)) from e
 
 
 class TrainingHalted(RuntimeError):
@@ -428,18 +326,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       TrainingHalted: a non-finite loss or gradient with train.on_nonfinite='halt'; the
         checkpoints written before it are kept, and none is written after it.
     """
-    jax.config.update("jax_threefry_partitionable", True)
-    try:
-        validate.validate_config(config, num_devices=jax.device_count(), mode="train")
+    validate.validate_config(config, num_devices=jax.device_count(), mode="train")
+    with _input_problems():  # locating t_δ reads the user's data
         config = resolve_t_delta(config, workdir)
-        trainer = Trainer(config)
+    trainer = Trainer(config)
+    with _input_problems():  # a dataset not prepared, an empty folder, unreadable files
         loader = data.build(
             data.DataSpec.from_config(config.data),
             seed=config.seed,
             global_batch_size=config.train.batch_size,
             sharding=trainer.batch_sharding,
         )
-        check_workdir(workdir, trainer.abstract_state)
+    check_workdir(workdir, trainer.abstract_state)
+    with _input_problems():  # a workdir holding another model's checkpoint
         ckpt = checkpointing.Checkpoints(workdir, keep=config.train.keep_checkpoints)
         if ckpt.latest_step() is not None:
             state, data_state = ckpt.restore(trainer.abstract_state)
@@ -447,8 +346,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             logging.info("Resuming at step %d.", int(state.step))
         else:
             state = None
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        raise SetupError(str(e)) from e
 
     is_main = jax.process_index() == 0
     num_steps = config.train.num_steps
@@ -475,9 +372,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if itstime(step, tc.log_every, num_steps):
                     pending = (step, metrics)
                 report(step, time.time())
-                if tc.sample_every > 0 and itstime(step, tc.sample_every, num_steps):
+                if itstime(step, tc.sample_every, num_steps):
                     _write_samples(trainer, state, step, workdir, writer, is_main)
-                if tc.eval_every > 0 and itstime(step, tc.eval_every, num_steps):
+                if itstime(step, tc.eval_every, num_steps):
                     _evaluate(trainer, state, step, writer, is_main)
                 stopping = stop.reached(step)
                 if itstime(step, tc.checkpoint_every, num_steps) or stopping:
@@ -507,7 +404,7 @@ def check_workdir(workdir: str, abstract_state: Any) -> None:
     """Checks the disk can hold two checkpoints of this state, then creates the workdir.
 
     Raises:
-      PermissionError, ValueError: naming --workdir and what to do.
+      SetupError: naming --workdir and what to do.
     """
     if not artifacts.is_remote(workdir):  # an object store has no "disk" to fill
         existing = os.path.abspath(workdir)
@@ -517,7 +414,7 @@ def check_workdir(workdir: str, abstract_state: Any) -> None:
         needed = 2 * state_bytes + (64 << 20)  # the save in flight, the one kept, and logs
         free = shutil.disk_usage(existing).free
         if free < needed:
-            raise ValueError(
+            raise SetupError(
                 f"--workdir={workdir}: {free / 2**30:.2f} GiB free, but a checkpoint of this "
                 f"model takes {state_bytes / 2**30:.2f} GiB and training needs room for two "
                 f"({needed / 2**30:.2f} GiB); free some space or use another --workdir."
@@ -528,7 +425,7 @@ def check_workdir(workdir: str, abstract_state: Any) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(
+        raise SetupError(
             f"--workdir={workdir} cannot be written ({type(e).__name__}: {e}); choose a "
             "directory this user can create files in."
         ) from e
@@ -605,13 +502,12 @@ def _write_samples(trainer, state, step, workdir, writer, is_main):
 
 
 def _evaluate(trainer, state, step, writer, is_main):
-    """Scores train.eval_samples DDIM samples of the first EMA with sample.metric."""
+    """Scores train.eval_samples samples of the first EMA (drawn as the grids are) with sample.metric."""
     from ddpm_bs import evaluation
 
     config = trainer.config
-    n, chunk = config.train.eval_samples, config.train.num_samples  # the grid's compiled size
-    keys = [jax.random.fold_in(trainer.sample_key, 1 + i) for i in range(-(-n // chunk))]
-    images = np.concatenate([trainer.sample(state.ema_params[0], chunk, k) for k in keys])[:n]
+    key = jax.random.fold_in(trainer.sample_key, 1)  # not the grids' draws
+    images = trainer.sample(state.ema_params[0], config.train.eval_samples, key)
     if not is_main:
         return
     result = evaluation.evaluate_images(

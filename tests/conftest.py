@@ -37,10 +37,10 @@ def conv_denoiser(monkeypatch):
     """Trainers built in this test use support.ConvDenoiser instead of the U-Net."""
     from support import ConvDenoiser
 
-    from ddpm_bs import train
+    from ddpm_bs import state
 
     monkeypatch.setattr(
-        train, "build_model", lambda config: ConvDenoiser(dropout=config.model.dropout)
+        state, "build_model", lambda config: ConvDenoiser(dropout=config.model.dropout)
     )
 
 

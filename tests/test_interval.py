@@ -358,7 +358,7 @@ def test_translated_gaussians_cross_delta_where_sqrt_alpha_bar_does():
 
 def test_auto_t_delta_sets_the_sampler_training_uses(tmp_path):
     from configs import default
-    from ddpm_bs import train
+    from ddpm_bs import state, train
 
     config = default.smoke(importlib.import_module("configs.digits").get_config())
     config.timesteps.t_delta = "auto"
@@ -368,7 +368,7 @@ def test_auto_t_delta_sets_the_sampler_training_uses(tmp_path):
     resolved = train.resolve_t_delta(config, str(tmp_path))
     located = interval.load_t_delta(str(tmp_path))
     assert located is not None and resolved.timesteps.t_delta == located
-    sampler = train.build_sampler(resolved)
+    sampler = state.build_sampler(resolved)
     assert sampler.t_delta == located
     # A second start reuses interval.json instead of locating again.
     (tmp_path / "interval.png").unlink()

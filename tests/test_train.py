@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from support import ROOT, cli_command, cli_env, smoke_config
 
-from ddpm_bs import artifacts, data, train
+from ddpm_bs import artifacts, data, state, train
 from ddpm_bs.models import unet
 
 
@@ -90,7 +90,7 @@ def test_batch_not_divisible_by_devices_is_refused():
 
 def test_unreachable_attention_resolution_is_refused():
     with pytest.raises(ValueError, match="attention_resolutions"):
-        train.build_model(smoke_config(model__attention_resolutions=(3,)))
+        state.build_model(smoke_config(model__attention_resolutions=(3,)))
 
 
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if not p.stem.startswith("_"))
@@ -99,9 +99,9 @@ CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if not p.stem.s
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_builds_its_model(name):
     config = importlib.import_module(f"configs.{name}").get_config()
-    model = train.build_model(config)
-    train.build_sampler(config)
-    train.build_loss(config)
+    model = state.build_model(config)
+    state.build_sampler(config)
+    state.build_loss(config)
     params = unet.abstract_params(model)
     assert unet.parameter_count(params) > 0
     size, ch = config.data.image_size, config.data.channels
