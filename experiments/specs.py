@@ -9,6 +9,13 @@ Sizes:
   cpu   the digits' native 8×8 on the quick-start model, about 1.5 hours for everything on a
         2-core CPU (the figures in REPORT.md so far);
   gpu   digits upsampled to 32×32 on a larger U-Net, sized to the device's time.
+
+The `laws` experiment (and `laws_weighted`) is the protocol that can tell timestep laws apart:
+longer training, more seeds, more samples per evaluation (`Size.law_overrides`). Its runs are
+paired by seed: `config.seed` sets the initialisation, the data order, the noise and the
+evaluation samples, and the timestep key is a separate split of the per-step key
+(ddpm_bs/train.py), so two runs of one seed differ only in the law that turns the same random
+words into timesteps.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 import ml_collections
 
 from configs import digits
+from ddpm_bs import timesteps
 
 UNIFORM = {"timesteps.sampler": "uniform"}
 BS = {"timesteps.sampler": "bernoulli", "timesteps.p": 0.8, "timesteps.t_delta": 800}
@@ -54,6 +62,9 @@ class Size:
     sampler_samples: int  # images scored per (model, sampler, steps)
     ot_pairs: tuple[tuple[int, int], ...]
     ot_overrides: Mapping[str, Any]  # interval.* for the OT-decay curves
+    law_overrides: Mapping[str, Any]  # `laws`: on top of `overrides` (steps, evaluations)
+    law_seeds: tuple[int, ...]  # `laws`: every law; uniform also runs as many seeds again
+    law_schedules: tuple[str, ...]  # `laws`: cosine first; add 'linear' for the second grid
 
 
 # The paper's grids (Figures 5 and 6, Tables 2 and 3) and the class pairs of the OT curves.
@@ -99,6 +110,9 @@ SIZES = {
         sampler_samples=16,
         ot_pairs=((0, 1),),
         ot_overrides={"interval.num_images": 40, "interval.num_t": 8, "interval.num_seeds": 1},
+        law_overrides={"train.num_steps": 3},
+        law_seeds=(0, 1),
+        law_schedules=("cosine",),
     ),
     "cpu": Size(
         name="cpu",
@@ -116,6 +130,16 @@ SIZES = {
         **_PAPER_GRID,
         sampler_samples=400,
         ot_overrides={},
+        # 4× the steps of the other experiments; digits-FID of 1,797 samples (as many as the
+        # digits) at 8 evaluations, drawn in 3 chunks of 599.
+        law_overrides={
+            "train.num_steps": 2000,
+            "train.eval_every": 250,
+            "train.eval_samples": 1797,
+            "train.num_samples": 599,
+        },
+        law_seeds=(0, 1, 2, 3, 4),
+        law_schedules=("cosine",),
     ),
     "gpu": Size(
         name="gpu",
@@ -143,6 +167,9 @@ SIZES = {
         **_PAPER_GRID,
         sampler_samples=1797,
         ot_overrides={"data.image_size": 32},
+        law_overrides={},  # 3,000 steps, 12 evaluations of 1,797 samples already
+        law_seeds=(0, 1, 2, 3, 4),
+        law_schedules=("cosine",),
     ),
 }
 
@@ -243,8 +270,8 @@ def combinations(size: Size) -> list[Run]:
 def samplers(size: Size) -> list[Run]:
     """Table 3: DDIM, Epsilon Scaling and DPM-Solver at each step count, ADM and ADM-BS."""
     runs = []
-    for method, timesteps in METHODS.items():
-        trained = _train(f"{method}/seed0", 0, **timesteps)
+    for method, law in METHODS.items():
+        trained = _train(f"{method}/seed0", 0, **law)
         for sampler, settings in SAMPLERS.items():
             for steps in size.sampler_steps:
                 runs.append(
@@ -272,11 +299,92 @@ def timestep_samplers(size: Size) -> list[Run]:
     ]
 
 
-EXPERIMENTS: dict[str, Callable[[Size], list[Run]]] = {
+# The timestep laws `laws` compares, each as overrides on configs/digits.py.
+# loss_aware: its draws stay uniform until every one of the T = 1000 timesteps holds `history`
+# losses. history × T ≤ steps × batch is needed for that to happen at all (10 × 1000 ≤
+# 2000 × 64 at the cpu size); under uniform draws of 64 per step it happens at step ~364
+# (median; 95 % by step ~425, Poisson estimate), so the law is loss-aware for the last 80 % of
+# the run. (The first `timestep_samplers` run, 500 steps, was uniform for most of its length.)
+LOSS_AWARE_HISTORY = 10
+_LAWS = {
+    "uniform": UNIFORM,
+    "bs": BS,  # the paper's p = 0.8, t_δ = 800: uniform but at t_δ (REPORT.md)
+    # p = 0.9 on the located t_δ: differs from uniform by |p − t_δ/T| in total variation.
+    "bs_p0.9_auto": {**BS, "timesteps.p": 0.9, "timesteps.t_delta": "auto"},
+    "logit_normal": {"timesteps.sampler": "logit_normal"},  # SD3's, mean 0, std 1
+    "lognormal": {"timesteps.sampler": "lognormal"},  # EDM's σ law on the DDPM grid
+    "loss_aware": {"timesteps.sampler": "loss_aware", "timesteps.history": LOSS_AWARE_HISTORY},
+    # The W₂-derived laws (ddpm_bs.timesteps), floor and curve ('auto': located in the run's
+    # workdir) at their defaults.
+    "ot_gap": {"timesteps.sampler": "ot_gap"},
+    "ot_rate": {"timesteps.sampler": "ot_rate"},
+}
+# Only the laws ddpm_bs.timesteps has (the OT-derived ones arrive in their own change).
+LAWS = {name: s for name, s in _LAWS.items() if s["timesteps.sampler"] in timesteps.SAMPLERS}
+# The law `laws_weighted` combines with the weightings, unless the sweep names another
+# (--law): the best of the first pass of `laws`. Until that pass has run, logit-normal, the
+# only law that moved digits-FID in `timestep_samplers` (one seed, 500 steps).
+BEST_LAW = "logit_normal"
+LAW_WEIGHTINGS = {
+    "none": {"loss.weighting": "none"},
+    "min_snr": {"loss.weighting": "min_snr", "loss.min_snr_gamma": 5.0},
+    "p2": {"loss.weighting": "p2", "loss.p2_k": 1.0, "loss.p2_gamma": 1.0},
+}
+
+
+def law_seeds(size: Size, law: str) -> tuple[int, ...]:
+    """The seeds `law` runs at: uniform runs twice as many, so two disjoint sets of
+    `size.law_seeds`' length show how far apart the same law lands (the noise floor)."""
+    if law != "uniform":
+        return size.law_seeds
+    n = len(size.law_seeds)
+    return (*size.law_seeds, *range(max(size.law_seeds) + 1, max(size.law_seeds) + 1 + n))
+
+
+def _law_run(size: Size, name: str, seed: int, schedule: str, **settings: Any) -> Run:
+    return _train(name, seed, schedule, **size.law_overrides, **settings)
+
+
+def laws(size: Size) -> list[Run]:
+    """Timestep laws at equal steps and batch, paired by seed, on the longer protocol."""
+    return [
+        _law_run(size, f"{schedule}/{law}/seed{seed}", seed, schedule, **settings)
+        for schedule in size.law_schedules
+        for law, settings in LAWS.items()
+        for seed in law_seeds(size, law)
+    ]
+
+
+def laws_weighted(size: Size, law: str = BEST_LAW) -> list[Run]:
+    """Table 2's question asked of a law that differs from uniform: `law` and uniform, each
+    alone, with Min-SNR-5 and with P2, on the `laws` protocol (the unweighted runs are the
+    `laws` runs themselves, trained once)."""
+    if law not in LAWS or law == "uniform":
+        valid = ", ".join(n for n in LAWS if n != "uniform")
+        raise ValueError(f"--law={law!r} is not a law to combine; valid: {valid}.")
+    return [
+        _law_run(
+            size,
+            f"{schedule}/{weighting}/{name}/seed{seed}",
+            seed,
+            schedule,
+            **LAWS[name],
+            **LAW_WEIGHTINGS[weighting],
+        )
+        for schedule in size.law_schedules
+        for weighting in LAW_WEIGHTINGS
+        for name in ("uniform", law)
+        for seed in size.law_seeds
+    ]
+
+
+EXPERIMENTS: dict[str, Callable[..., list[Run]]] = {
     "ot_decay": ot_decay,
     "speedup": speedup,
     "samplers": samplers,
     "ablations": ablations,
     "combinations": combinations,
     "timestep_samplers": timestep_samplers,
+    "laws": laws,
+    "laws_weighted": laws_weighted,
 }

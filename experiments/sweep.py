@@ -1,6 +1,7 @@
 """Runs one experiment of `experiments/specs.py`; resumable; a JSON line per finished run.
 
     python -m experiments.sweep speedup --size=cpu       # or: all, ot_decay, samplers, ...
+    python -m experiments.sweep laws_weighted --size=cpu --law=ot_gap   # default: BEST_LAW
 
 Results go to `<out>/<experiment>.jsonl` (default out: experiments/results/<size>). Each
 training run trains in `<out>/runs/<hash of its config>` with `ddpm_bs.train`, so runs that
@@ -164,8 +165,12 @@ def results_path(out: pathlib.Path, experiment: str) -> pathlib.Path:
     return out / f"{experiment}.jsonl"
 
 
-def run_experiment(experiment: str, size: str, out: pathlib.Path) -> list[dict[str, Any]]:
+def run_experiment(
+    experiment: str, size: str, out: pathlib.Path, law: str | None = None
+) -> list[dict[str, Any]]:
     """Runs what is missing of `experiment` at `size`; returns all its records in order.
+
+    `law` is the law `laws_weighted` combines with the weightings (default specs.BEST_LAW).
 
     Raises:
       Stopped: a training run was interrupted; its checkpoint is written, rerun to go on.
@@ -177,7 +182,8 @@ def run_experiment(experiment: str, size: str, out: pathlib.Path) -> list[dict[s
     if size not in specs.SIZES:
         raise ValueError(f"--size={size!r} is unknown; valid: {', '.join(specs.SIZES)}.")
     spec = specs.SIZES[size]
-    runs = specs.EXPERIMENTS[experiment](spec)
+    params = {"law": law} if law is not None and experiment == "laws_weighted" else {}
+    runs = specs.EXPERIMENTS[experiment](spec, **params)
     for run in runs:  # every config is checked before anything runs (kinds are modes)
         validate.validate_config(run.config(spec), num_devices=jax.device_count(), mode=run.kind)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,12 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiment", help=f"one of {', '.join(specs.EXPERIMENTS)}, or all")
     parser.add_argument("--size", default="cpu", choices=list(specs.SIZES))
     parser.add_argument("--out", default=None, help="default: experiments/results/<size>")
+    parser.add_argument(
+        "--law", default=None, help=f"laws_weighted's law (default {specs.BEST_LAW})"
+    )
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out or ROOT / "results" / args.size)
     names = list(specs.EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     try:
+        if args.law is not None and "laws_weighted" not in names:
+            raise ValueError(f"--law applies to laws_weighted only, not to {args.experiment}.")
         for name in names:
-            records = run_experiment(name, args.size, out)
+            records = run_experiment(name, args.size, out, law=args.law)
             print(f"{name}: {len(records)} runs in {results_path(out, name)}", flush=True)
     except Stopped as e:
         print(f"experiments.sweep: {e}; rerun the same command to resume.", file=sys.stderr)

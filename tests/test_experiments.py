@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ddpm_bs import artifacts, validate
-from experiments import report, specs, sweep
+from experiments import report, specs, stats, sweep
 
 
 def test_speedup_is_base_steps_to_its_best_over_new_steps_to_that_score():
@@ -161,9 +161,8 @@ def test_every_experiment_runs_at_the_test_size_and_the_report_is_written(tmp_pa
         for r in records:
             assert r["device"] and r["wall_s"] >= 0 and r["size"] == "test"
             if r["kind"] == "train":
-                assert r["curve"]["step"] == [1, 2] and np.all(
-                    np.isfinite(r["curve"]["digits_fid"])
-                )
+                steps = [1, 2, 3] if name.startswith("laws") else [1, 2]
+                assert r["curve"]["step"] == steps and np.all(np.isfinite(r["curve"]["digits_fid"]))
             elif r["kind"] == "sample":
                 assert r["digits_fid"] > 0 and r["num_samples"] == 16
             else:
@@ -175,6 +174,9 @@ def test_every_experiment_runs_at_the_test_size_and_the_report_is_written(tmp_pa
         assert f"### {title}" in tables
     assert "Not run yet" not in tables
     assert (tmp_path / "speedup.png").is_file() and (tmp_path / "ot_decay.png").is_file()
+    assert (tmp_path / "laws.png").is_file() and (tmp_path / "laws_weighted.png").is_file()
+    assert "no verdict (2 of 5 paired seeds)" in tables  # the test size has 2 seeds per law
+    assert "noise floor" in tables and "Wall time: 14 of 14 planned runs done" in tables
     # The report's prose keeps its words; the tables between the markers are rewritten.
     doc = tmp_path / "doc" / "REPORT.md"
     doc.parent.mkdir()
@@ -187,3 +189,195 @@ def test_every_experiment_runs_at_the_test_size_and_the_report_is_written(tmp_pa
     before = {p.name: p.read_text() for p in tmp_path.glob("*.jsonl")}
     assert sweep.main(["all", "--size=test", f"--out={tmp_path}"]) == 0
     assert {p.name: p.read_text() for p in tmp_path.glob("*.jsonl")} == before
+
+
+# --------------------------------------------------------------------------------------------
+# The `laws` protocol and its statistics (experiments/stats.py, report's laws sections)
+
+_STEPS = (250, 500, 750, 1000, 1250, 1500, 1750, 2000)
+
+
+def _law_record(label, seed, fids, sampler="uniform", schedule="cosine", **extra):
+    return {
+        "run": f"{schedule}/{label}/seed{seed}", "seed": seed, "size": "cpu", "kind": "train",
+        "settings": {"timesteps.sampler": sampler, **extra.pop("settings", {})},
+        "curve": {"step": list(_STEPS), "digits_fid": [float(x) for x in fids]},
+        "final_fid": float(fids[-1]), "wall_s": 600.0, "device": "CPU, 2 cores",
+        "finished": "2026-11-29 16:00 UTC", "steps": 2000, "batch_size": 64, "image_size": 8,
+        "eval_samples": 1797, "eval_sampler": "ddim20", "t_delta": None, **extra,
+    }  # fmt: skip
+
+
+def _uniform_curves(seeds, rng):
+    """Decreasing FID curves, a different level per seed (what a seed does to a run)."""
+    return {s: 30.0 * np.exp(-np.arange(8) / 3) + 10 + 4 * rng.random() for s in seeds}
+
+
+def test_area_and_steps_to_reach_are_the_trapezoid_and_the_interpolated_crossing():
+    steps, fid = [250, 500, 750, 1000], [40.0, 20.0, 10.0, 10.0]
+    # (40+20)/2·250 + (20+10)/2·250 + (10+10)/2·250 = 13,750 over a range of 750
+    assert stats.area_under_curve(steps, fid) == pytest.approx(13750 / 750)
+    # 15 lies halfway down from 20 (step 500) to 10 (step 750): 500 + 0.5·250
+    assert stats.steps_to_reach(steps, fid, 15.0) == pytest.approx(625.0)
+    assert stats.steps_to_reach(steps, fid, 10.0) == 750.0  # first at it, not the last
+    assert stats.steps_to_reach(steps, fid, 50.0) == 250.0  # at the first evaluation already
+    assert stats.steps_to_reach(steps, fid, 5.0) is None
+    scores = stats.run_scores(steps, fid, 15.0)
+    assert scores["speedup"] == pytest.approx(1000 / 625) and scores["final_fid"] == 10.0
+    assert stats.run_scores(steps, fid, 5.0)["speedup"] is None
+
+
+def test_a_law_two_below_uniform_at_every_seed_differs_by_exactly_minus_two():
+    rng = np.random.default_rng(0)
+    uniform = {s: (_STEPS, c) for s, c in _uniform_curves(range(5), rng).items()}
+    law = {s: (steps, c - 2.0) for s, (steps, c) in uniform.items()}
+    scores, ref, diffs = stats.compare(law, uniform)
+    for metric in ("final_fid", "auc"):
+        assert diffs[metric].mean == pytest.approx(-2.0)
+        assert diffs[metric].interval == pytest.approx((-2.0, -2.0))
+        assert diffs[metric].effect == "better"
+    # Uniform reaches its own final at the last step; the law 2 lower gets there earlier, by
+    # the interpolated crossing of its curve with uniform's final, computed here by hand.
+    for s, (steps, c) in uniform.items():
+        assert ref[s]["steps"] == 2000 and ref[s]["speedup"] == 1.0
+        i = int(np.argmax(c - 2.0 <= c[-1]))
+        hand = steps[i - 1] + (c[i - 1] - 2 - c[-1]) / (c[i - 1] - c[i]) * 250
+        assert scores[s]["steps"] == pytest.approx(hand)
+    assert diffs["speedup"].effect == "better" and diffs["speedup"].mean > 0
+
+
+def test_the_bootstrap_interval_ignores_the_order_of_seeds_and_matches_scipys():
+    import scipy.stats
+
+    values = [-1.3, -0.2, -2.1, -0.8, -1.5, 0.4, -1.1]
+    interval = stats.bootstrap_interval(values)
+    for perm in ([6, 5, 4, 3, 2, 1, 0], [3, 0, 6, 1, 5, 2, 4]):
+        assert stats.bootstrap_interval([values[i] for i in perm]) == interval
+    ref = scipy.stats.bootstrap(
+        (np.array(values),), np.mean, n_resamples=10_000, method="percentile", random_state=1
+    ).confidence_interval
+    # Monte-Carlo error of a 2.5 % quantile of 10,000 resampled means: about 0.03 of their sd.
+    tol = 0.1 * np.std(values) / np.sqrt(len(values))
+    assert interval == pytest.approx((ref.low, ref.high), abs=tol)
+
+
+def test_the_bootstrap_interval_covers_the_true_mean_about_as_often_as_it_says():
+    # Percentile bootstrap of a mean of n = 10 normal values covers about 91 % (it is narrower
+    # than the t interval); 300 data sets give a binomial sd of 1.7 %.
+    rng = np.random.default_rng(1)
+    covered = [
+        lo <= -1.0 <= hi
+        for lo, hi in (
+            stats.bootstrap_interval(-1.0 + rng.normal(size=10), resamples=2000) for _ in range(300)
+        )
+    ]
+    assert 0.85 <= np.mean(covered) <= 0.98
+
+
+def test_seed_order_and_record_order_do_not_change_the_laws_table():
+    rng = np.random.default_rng(2)
+    curves = _uniform_curves(range(10), rng)
+    records = [_law_record("uniform", s, c) for s, c in curves.items()]
+    records += [
+        _law_record("logit_normal", s, curves[s] - 1 + rng.normal(size=8), "logit_normal")
+        for s in range(5)
+    ]
+    table = report._law_rows("laws", records)
+    shuffled = [records[i] for i in rng.permutation(len(records))]
+    assert report._law_rows("laws", shuffled) == table
+
+
+def test_laws_table_gives_verdicts_only_from_five_paired_seeds_and_shows_the_noise_floor():
+    rng = np.random.default_rng(3)
+    curves = _uniform_curves(range(10), rng)
+    curves.update({s + 5: curves[s] + 1.0 for s in range(5)})  # seeds 5–9: seeds 0–4 plus 1
+    records = [_law_record("uniform", s, c) for s, c in curves.items()]
+    records += [_law_record("logit_normal", s, curves[s] - 2.0, "logit_normal") for s in range(5)]
+    records += [_law_record("lognormal", s, curves[s] - 2.0, "lognormal") for s in range(4)]
+    records += [_law_record("loss_aware", s, curves[s] + 50.0, "loss_aware") for s in range(5)]
+    bs = {"timesteps.p": 0.8}
+    records += [
+        _law_record("bs", s, curves[s], "bernoulli", t_delta=800, settings=bs) for s in range(5)
+    ]
+    rows = {r["law"]: r for r in report._law_rows("laws", records)["cosine"]}
+    assert rows["uniform"]["runs"] == "10 / 10" and rows["uniform"]["d_final"] == "0 (reference)"
+    floor = rows["uniform, seeds 5, 6, 7, 8, 9 vs 0, 1, 2, 3, 4 (noise floor, unpaired)"]
+    assert floor["d_final"] == "+1.00 [+1.00, +1.00]"
+    assert rows["logit_normal"]["d_final"] == "-2.00 [-2.00, -2.00]"
+    assert rows["logit_normal"]["verdict"] == "better final FID, better area, better speedup"
+    assert rows["lognormal"]["runs"] == "4 / 5"  # the same gain, one seed short: no verdict
+    assert rows["lognormal"]["verdict"] == "no verdict (4 of 5 paired seeds)"
+    assert rows["loss_aware"]["reached"] == "0 of 5" and rows["loss_aware"]["d_speedup"] is None
+    assert rows["loss_aware"]["verdict"] == (
+        "worse final FID, worse area, uniform's final FID not reached at 5 of 5 seeds"
+    )
+    # p = 0.8 at t_δ = 800 is uniform but at t_δ: TV 0.001; the same curves: no difference.
+    assert rows["bs"]["tv"] == "0.001" and rows["bs"]["verdict"] == "no difference"
+    assert rows["bs"]["d_final"] == "+0.00 [+0.00, +0.00]"
+
+
+def test_the_laws_protocol_at_the_cpu_size_can_tell_laws_apart():
+    from scipy.stats import poisson
+
+    size = specs.SIZES["cpu"]
+    runs = specs.laws(size)
+    assert {"uniform", "bs", "bs_p0.9_auto", "logit_normal", "lognormal", "loss_aware"} <= set(
+        specs.LAWS
+    )
+    by_law = {}
+    for run in runs:
+        by_law.setdefault(run.name.split("/")[1], []).append(run.settings["seed"])
+    assert by_law.pop("uniform") == list(range(10))  # two disjoint sets of 5: the noise floor
+    assert all(seeds == [0, 1, 2, 3, 4] for seeds in by_law.values())
+    config = runs[0].config(size)
+    tc = config.train
+    assert tc.num_steps == 2000 and tc.eval_samples >= 1797
+    assert len(range(tc.eval_every, tc.num_steps + 1, tc.eval_every)) >= 8
+    assert config.diffusion.schedule == "cosine" and size.law_schedules == ("cosine",)
+    # Paired by seed: two laws' runs of one seed differ only in timesteps.*.
+    flat = {}
+    for run in runs:
+        if run.settings["seed"] == 3:
+            c = run.config(size).to_dict()
+            flat[run.name] = {f"{k}.{f}": v for k, sec in c.items() if isinstance(sec, dict)
+                              for f, v in sec.items()} | {"seed": c["seed"]}  # fmt: skip
+    base = flat.pop("cosine/uniform/seed3")
+    for name, other in flat.items():
+        changed = {k for k in base.keys() | other.keys() if base.get(k) != other.get(k)}
+        assert changed and all(k.startswith("timesteps.") for k in changed), name
+    # Loss-aware's history fills within the first quarter of the run (draws uniform until then):
+    # P(every one of T timesteps has ≥ H of the 64·s uniform draws), Poisson per timestep.
+    la = next(r for r in runs if "/loss_aware/" in r.name).config(size)
+    T, H = la.diffusion.num_timesteps, la.timesteps.history
+    assert H * T <= tc.num_steps * tc.batch_size
+    draws = tc.batch_size * tc.num_steps / 4 / T
+    assert poisson.sf(H - 1, draws) ** T >= 0.95
+
+
+def test_laws_weighted_combines_the_named_law_and_shares_the_unweighted_runs():
+    size = specs.SIZES["cpu"]
+    laws = {r.name: r for r in specs.laws(size)}
+    runs = {r.name: r for r in specs.laws_weighted(size, "lognormal")}
+    assert len(runs) == 3 * 2 * 5
+    same = runs["cosine/none/lognormal/seed2"].config(size)
+    assert sweep.workdir_for(same, sweep.ROOT) == sweep.workdir_for(
+        laws["cosine/lognormal/seed2"].config(size), sweep.ROOT
+    )
+    c = runs["cosine/min_snr/lognormal/seed2"].config(size)
+    assert (c.loss.weighting, c.loss.min_snr_gamma, c.timesteps.sampler) == (
+        "min_snr",
+        5.0,
+        "lognormal",
+    )
+    assert runs["cosine/p2/uniform/seed4"].config(size).loss.weighting == "p2"
+    assert specs.BEST_LAW in specs.LAWS
+    with pytest.raises(ValueError, match="--law='uniform' is not a law to combine"):
+        specs.laws_weighted(size, "uniform")
+
+
+def test_law_is_refused_for_other_experiments(tmp_path, capsys):
+    assert sweep.main(["speedup", "--law=lognormal", f"--out={tmp_path}"]) == 2
+    assert "--law applies to laws_weighted only" in capsys.readouterr().err
+    assert sweep.main(["laws_weighted", "--law=nope", "--size=test", f"--out={tmp_path}"]) == 2
+    assert "--law='nope' is not a law to combine" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything ran
