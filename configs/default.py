@@ -32,6 +32,12 @@ def get_config() -> ml_collections.ConfigDict:
     # An image folder's unreadable file: 'skip' (logged with its path, counted in the metric
     # data_skipped_examples, replaced by the next readable image) or 'halt' (stop the run).
     c.data.on_corrupt = "skip"
+    c.data.crop_size = 0  # Centered square crop of the raw image first, pixels; 0 = largest.
+    c.data.prefetch = 2  # Batches prepared ahead of the training step.
+    # grain worker processes preparing batches (JPEG decoding): −1 = automatic (min(8, CPUs)
+    # for folders and tfds, none for digits), 0 = in the training process.
+    c.data.num_workers = -1
+    c.data.num_threads = 0  # Threads decoding one batch's images per process; 0 = automatic.
 
     # --- Model: the ADM U-Net (guided-diffusion's UNetModel) --------------------------------
     c.model = ml_collections.ConfigDict()

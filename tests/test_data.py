@@ -1,6 +1,7 @@
 """Tests for ddpm_bs.data: sources, preprocessing, deterministic order, sharding, errors."""
 
 import dataclasses
+import importlib
 import os
 import socket
 import subprocess
@@ -434,6 +435,12 @@ def test_from_config_reads_fields_and_defaults():
         data.DataSpec.from_config(ml_collections.ConfigDict({"imagesize": 64}))
 
 
+def test_default_config_and_data_spec_agree_in_both_directions():
+    section = importlib.import_module("configs.default").get_config().data
+    assert set(section.keys()) == {f.name for f in dataclasses.fields(data.DataSpec)}
+    assert data.DataSpec.from_config(section) == data.DataSpec()
+
+
 @pytest.mark.parametrize(
     "fields, match",
     [
@@ -444,6 +451,9 @@ def test_from_config_reads_fields_and_defaults():
         (dict(name="cifar10", folder="/x"), r"data\.folder"),
         (dict(split="test"), r"data\.split"),
         (dict(random_flip=1), r"data\.random_flip"),
+        (dict(num_workers=-2), r"data\.num_workers must be ≥ −1"),
+        (dict(num_threads=-1), r"data\.num_threads"),
+        (dict(prefetch=0), r"data\.prefetch"),
     ],
 )
 def test_spec_validation_names_the_field(fields, match):
