@@ -398,7 +398,9 @@ def test_denoiser_settles_at_reads_the_convergence(digits_trajectories):
 def test_run_geometry_writes_summary_and_plots(tmp_path, monkeypatch):
     config = importlib.import_module("configs.digits").get_config()
     stub = {"optimal": {"rmse": {}}}
-    monkeypatch.setattr(geometry, "compare_schedules", lambda *a, **k: dict(stub, options=k))
+    monkeypatch.setattr(
+        geometry.comparison, "compare_schedules", lambda *a, **k: dict(stub, options=k)
+    )
     summary = geometry.run_geometry(
         config,
         str(tmp_path),
