@@ -46,6 +46,36 @@ class ConfigError(SetupError):
         self.path = path
 
 
+class InvalidArgument(ValueError):
+    """A library constructor's bad argument; `argument` names it, so a spec can name the field.
+
+    `str(error)` reads on its own ("p2_k must be ≥ 0, got -1."); `reword` turns it into the
+    ConfigError of the config field that holds the argument.
+    """
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(message)
+        self.argument = argument
+
+
+def reword(
+    error: InvalidArgument, paths: Mapping[str, str], config: Any, section: str = ""
+) -> ConfigError:
+    """`error` as a ConfigError naming the config field (`paths[argument]`) and its value.
+
+    An argument no field holds (derived from several) is reported against `section`.
+    """
+    message = str(error).rstrip(".")
+    path = paths.get(error.argument)
+    if path is None:
+        return ConfigError(f"{section}: {message}.", section)
+    value = lookup(config, path)
+    return ConfigError(
+        f"{path}={value!r}: {message}; fix it in the config file or with --config.{path}=<value>.",
+        path,
+    )
+
+
 def fail(path: str, value: Any, problem: str, fix: str | None = None) -> NoReturn:
     """Raises the ConfigError `path=value: problem; fix.`"""
     fix = fix or f"fix it in the config file or with --config.{path}=<value>"

@@ -18,11 +18,12 @@ Weights are per example (each example's own SNR); nothing is reduced over the ba
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from ddpm_bs import diffusion, schedules
+from ddpm_bs import diffusion, fields, schedules
 
 WEIGHTINGS = ("none", "p2", "min_snr", "debias")
 
@@ -50,27 +51,54 @@ class LossSpec:
     max_weight: float | None = None
     learn_sigma: bool = False
 
+    RULES: ClassVar[dict[str, fields.Check]] = {
+        "target": fields.one_of(*diffusion.TARGETS),
+        "weighting": fields.one_of(*WEIGHTINGS),
+        "p2_k": fields.real(),
+        "p2_gamma": fields.real(),
+        "min_snr_gamma": fields.real(),
+        "max_weight": fields.optional(fields.real()),
+    }
+
+    @classmethod
+    def from_config(cls, cfg, *, learn_sigma: bool) -> LossSpec:
+        """The `loss` section (with `model.learn_sigma`, which adds the VLB term)."""
+        values = fields.read(cfg, "loss", cls.RULES)
+        try:
+            return cls(**values, learn_sigma=learn_sigma)
+        except fields.InvalidArgument as e:
+            paths = {name: f"loss.{name}" for name in cls.RULES}
+            raise fields.reword(e, paths, {"loss": cfg}) from None
+
     def __post_init__(self):
         if self.target not in diffusion.TARGETS:
-            raise ValueError(
-                f"loss target {self.target!r} is unknown; valid targets: {', '.join(diffusion.TARGETS)}."
+            raise fields.InvalidArgument(
+                "target",
+                f"loss target {self.target!r} is unknown; valid targets: "
+                f"{', '.join(diffusion.TARGETS)}.",
             )
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(
-                f"loss weighting {self.weighting!r} is unknown; valid weightings: {', '.join(WEIGHTINGS)}."
+            raise fields.InvalidArgument(
+                "weighting",
+                f"loss weighting {self.weighting!r} is unknown; valid weightings: "
+                f"{', '.join(WEIGHTINGS)}.",
             )
         if self.p2_k < 0:
-            raise ValueError(f"p2_k must be ≥ 0, got {self.p2_k}.")
+            raise fields.InvalidArgument("p2_k", f"p2_k must be ≥ 0, got {self.p2_k}.")
         if self.p2_gamma < 0:
-            raise ValueError(f"p2_gamma must be ≥ 0, got {self.p2_gamma}.")
+            raise fields.InvalidArgument("p2_gamma", f"p2_gamma must be ≥ 0, got {self.p2_gamma}.")
         if self.p2_k == 0 and self.weighting == "p2" and self.p2_gamma > 0:
-            raise ValueError(
-                "p2_k must be > 0 when p2_gamma > 0 (the weight 1/SNR^γ is unbounded)."
+            raise fields.InvalidArgument(
+                "p2_k", "p2_k must be > 0 when p2_gamma > 0 (the weight 1/SNR^γ is unbounded)."
             )
         if self.min_snr_gamma <= 0:
-            raise ValueError(f"min_snr_gamma must be > 0, got {self.min_snr_gamma}.")
+            raise fields.InvalidArgument(
+                "min_snr_gamma", f"min_snr_gamma must be > 0, got {self.min_snr_gamma}."
+            )
         if self.max_weight is not None and self.max_weight <= 0:
-            raise ValueError(f"max_weight must be > 0 or None, got {self.max_weight}.")
+            raise fields.InvalidArgument(
+                "max_weight", f"max_weight must be > 0 or None, got {self.max_weight}."
+            )
 
 
 def eps_weight(spec: LossSpec, snr: jax.Array) -> jax.Array:

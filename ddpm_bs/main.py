@@ -71,7 +71,7 @@ def main(argv):
 
     if _launched_multiprocess(os.environ):
         jax.distributed.initialize(**_distributed_args(os.environ))
-    from ddpm_bs import train, validate
+    from ddpm_bs import fields, train, validate
 
     logging.info(
         "JAX devices: %s (process %d of %d)",
@@ -80,9 +80,12 @@ def main(argv):
         jax.process_count(),
     )
     config, workdir = _CONFIG.value, _WORKDIR.value
-    # Training wraps its up-front checks in SetupError, so errors from a running step keep their
-    # traceback; the analysis modes validate their inputs before computing anything.
-    expected = (train.SetupError,) if _MODE.value == "train" else (ValueError, FileNotFoundError)
+    # Known problems with the inputs (a bad field, a missing file or dataset, a workdir that
+    # cannot be used) end in one line naming what to fix; anything else is a bug and keeps its
+    # traceback.
+    expected = (fields.SetupError, train.TrainingHalted)
+    if _MODE.value != "train":  # the analysis modes read the user's files as they go
+        expected += (FileNotFoundError, NotADirectoryError, PermissionError)
     try:
         if _MODE.value != "train":  # training validates inside train_and_evaluate
             validate.validate_config(config, num_devices=jax.device_count(), mode=_MODE.value)
@@ -105,7 +108,7 @@ def main(argv):
             from ddpm_bs import geometry
 
             geometry.run_geometry(config, workdir)
-    except (*expected, train.TrainingHalted) as e:
+    except expected as e:
         sys.exit(f"ddpm-bs: {e}")  # One line, no traceback: the message names what to fix.
 
 

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_bs import fields
+
 SCHEDULES = ("linear", "cosine")
 
 # EDM (Karras et al. 2022) defaults for the σ ladder.
@@ -109,17 +111,39 @@ def schedule_from_betas(betas: np.ndarray, name: str = "custom") -> Schedule:
 def betas64(name: str, num_timesteps: int) -> np.ndarray:
     """The float64 β of the named schedule (validated as in `get_schedule`)."""
     if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be an integer ≥ 1, got {num_timesteps!r}.")
+        raise fields.InvalidArgument(
+            "num_timesteps", f"num_timesteps must be an integer ≥ 1, got {num_timesteps!r}."
+        )
     if name == "linear":
         if num_timesteps <= 20:
-            raise ValueError(
+            raise fields.InvalidArgument(
+                "num_timesteps",
                 f"num_timesteps={num_timesteps} is too small for the linear schedule: β_T = "
-                "0.02·1000/T must stay below 1, so num_timesteps must be ≥ 21."
+                "0.02·1000/T must stay below 1, so num_timesteps must be ≥ 21.",
             )
         return linear_betas(num_timesteps)
     if name == "cosine":
         return cosine_betas(num_timesteps)
-    raise ValueError(f"schedule name {name!r} is unknown; valid names: {', '.join(SCHEDULES)}.")
+    raise fields.InvalidArgument(
+        "schedule", f"schedule name {name!r} is unknown; valid names: {', '.join(SCHEDULES)}."
+    )
+
+
+_MAX_TIMESTEPS = 2**31 - 1  # timestep indices are int32
+DIFFUSION_RULES: dict[str, fields.Check] = {
+    "schedule": fields.one_of(*SCHEDULES),
+    "num_timesteps": fields.integer(2, _MAX_TIMESTEPS),
+}
+
+
+def from_config(cfg) -> Schedule:
+    """The `diffusion` config section's schedule (`schedule`, `num_timesteps`), checked."""
+    values = fields.read(cfg, "diffusion", DIFFUSION_RULES)
+    try:
+        return get_schedule(values["schedule"], values["num_timesteps"])
+    except fields.InvalidArgument as e:
+        paths = {name: f"diffusion.{name}" for name in DIFFUSION_RULES}
+        raise fields.reword(e, paths, {"diffusion": cfg}, "diffusion") from None
 
 
 def get_schedule(name: str, num_timesteps: int) -> Schedule:

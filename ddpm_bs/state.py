@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.struct
 import jax
@@ -25,7 +25,8 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from ddpm_bs import losses, optim, schedules, sharding, timesteps
+from ddpm_bs import fields, losses, optim, schedules, sharding, timesteps
+from ddpm_bs.models import spec as model_spec
 from ddpm_bs.models import unet
 
 
@@ -43,35 +44,83 @@ class TrainState:
     first_skipped_step: jax.Array  # [] int32: the first such step (1-based), −1 if none.
 
 
+ON_NONFINITE = ("skip", "halt")  # train.on_nonfinite
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """The `train` config section: the loop's sizes and schedules (configs/default.py)."""
+
+    batch_size: int = 128
+    grad_accum_steps: int = 1
+    num_steps: int = 500_000
+    ema_rates: tuple[float, ...] = (0.9999,)
+    log_every: int = 100
+    checkpoint_every: int = 10_000
+    keep_checkpoints: int = 3
+    keep_period: int = 0
+    sample_every: int = 10_000
+    num_samples: int = 64
+    sample_steps: int = 100
+    eval_every: int = 0
+    eval_samples: int = 1797
+    on_nonfinite: str = "skip"
+    wandb_project: str | None = None
+
+    RULES: ClassVar[dict[str, fields.Check]] = {
+        "batch_size": fields.integer(1),
+        "grad_accum_steps": fields.integer(1),
+        "num_steps": fields.integer(1),
+        "ema_rates": fields.tuple_of(
+            fields.real(0, 1, low_open=True, high_open=True), "rates in (0, 1)", non_empty=True
+        ),
+        "log_every": fields.integer(0),
+        "checkpoint_every": fields.integer(0),
+        "keep_checkpoints": fields.integer(1),
+        "keep_period": fields.integer(0),
+        "sample_every": fields.integer(0),
+        "num_samples": fields.integer(1),
+        "sample_steps": fields.integer(1),
+        "eval_every": fields.integer(0),
+        "eval_samples": fields.integer(2),
+        "on_nonfinite": fields.one_of(*ON_NONFINITE),
+        "wandb_project": fields.optional(fields.string),
+    }
+    # Fields older configs may lack; the defaults above stand in.
+    OPTIONAL: ClassVar[tuple[str, ...]] = (
+        "keep_period",
+        "eval_every",
+        "eval_samples",
+        "on_nonfinite",
+        "wandb_project",
+    )
+
+    @classmethod
+    def from_config(cls, cfg) -> TrainSpec:
+        spec = cls(**fields.read(cfg, "train", cls.RULES, optional=cls.OPTIONAL))
+        if spec.batch_size % spec.grad_accum_steps:
+            fields.fail(
+                "train.grad_accum_steps",
+                spec.grad_accum_steps,
+                f"must divide train.batch_size={spec.batch_size} (each step splits the batch "
+                "into that many micro-batches)",
+                "use a divisor of the batch size",
+            )
+        return spec
+
+
 # --- Builders: a config section → the library object that reads it ----------------------------
 
 
 def build_model(config: ml_collections.ConfigDict) -> unet.UNet:
     """The U-Net of `config.model`, sized by `config.data` (image size and channels)."""
-    m = config.model
-    model = unet.UNet(
-        image_size=config.data.image_size,
-        in_channels=config.data.channels,
-        model_channels=m.model_channels,
-        learn_sigma=m.learn_sigma,
-        num_res_blocks=m.num_res_blocks,
-        attention_resolutions=tuple(m.attention_resolutions),
-        dropout=m.dropout,
-        channel_mult=tuple(m.channel_mult),
-        num_classes=m.num_classes or None,
-        num_heads=m.num_heads,
-        num_head_channels=m.num_head_channels,
-        use_scale_shift_norm=m.use_scale_shift_norm,
-        resblock_updown=m.resblock_updown,
-        dtype=unet.DTYPES[m.dtype],
-        attention_implementation=m.attention_implementation,
+    return model_spec.ModelSpec.from_config(config.model).build(
+        image_size=config.data.image_size, in_channels=config.data.channels, config=config
     )
-    unet.check_config(model)
-    return model
 
 
 def build_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
-    return schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    return schedules.from_config(config.diffusion)
 
 
 def build_sampler(config: ml_collections.ConfigDict):
@@ -97,16 +146,7 @@ def build_sampler(config: ml_collections.ConfigDict):
 
 
 def build_loss(config: ml_collections.ConfigDict) -> losses.LossSpec:
-    lc = config.loss
-    return losses.LossSpec(
-        target=lc.target,
-        weighting=lc.weighting,
-        p2_k=lc.p2_k,
-        p2_gamma=lc.p2_gamma,
-        min_snr_gamma=lc.min_snr_gamma,
-        max_weight=lc.max_weight,
-        learn_sigma=config.model.learn_sigma,
-    )
+    return losses.LossSpec.from_config(config.loss, learn_sigma=config.model.learn_sigma)
 
 
 def build_mesh(config: ml_collections.ConfigDict) -> Mesh:

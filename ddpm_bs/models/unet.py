@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_bs import fields
 from ddpm_bs.models import layers
 
 Dtype = Any
@@ -250,7 +251,7 @@ class UNet(nn.Module):
 
 
 def _fail(field: str, message: str) -> None:
-    raise ValueError(f"UNet.{field}: {message}")
+    raise fields.InvalidArgument(field, f"UNet.{field}: {message}")
 
 
 def check_config(model: UNet) -> None:
