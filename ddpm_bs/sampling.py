@@ -532,16 +532,41 @@ def edm_plan(
         )
     ladder = schedules.edm_sigmas(steps, lo, hi, rho, append_zero=False).astype(np.float64)
     idx = _dedupe(_nearest_index(lam, -np.log(ladder)))
-    sig = grid[idx]
+    return edm_ladder_plan(np.append(grid[idx], 0.0), solver, timesteps=idx, in_scale=alpha[idx])
+
+
+def edm_ladder_plan(
+    sigmas: np.ndarray,
+    solver: str = "heun",
+    *,
+    timesteps: np.ndarray | None = None,
+    in_scale: np.ndarray | None = None,
+) -> SolverPlan:
+    """EDM's Euler or Heun steps (Karras et al. 2022, Algorithm 1 without churn) down a σ ladder.
+
+    The steps of `edm_plan` on any VE ladder σ_0 > σ_1 > … > σ_{L−1} ≥ 0; a step to σ = 0 is
+    Euler, x = D. Row n evaluates D at level `timesteps[n]`'s σ with input `in_scale`·x.
+
+    Args:
+      sigmas: [L] the ladder, float64.
+      solver: 'euler' or 'heun'.
+      timesteps: [L] what the model is given at each level (a final σ = 0 is never
+        evaluated); default the level's index in `sigmas`, as `run_plan_denoiser` reads it.
+      in_scale: [L] the model's input scale at each level; default 1 (a VE denoiser).
+    """
+    _check_choice("solver", solver, ("euler", "heun"))
+    sig = np.asarray(sigmas, np.float64)
+    levels = np.arange(sig.size) if timesteps is None else np.asarray(timesteps)
+    scale = np.ones(sig.size) if in_scale is None else np.asarray(in_scale, np.float64)
     rows = _Rows()
-    for i in range(len(idx) - 1):
+    for i in range(sig.size - 1):
         a = sig[i + 1] / sig[i]
-        rows.add(idx[i], 0, a, [1.0 - a], rebase=solver == "euler", in_scale=alpha[idx[i]])
-        if solver == "heun":
+        heun = solver == "heun" and sig[i + 1] > 0
+        rows.add(levels[i], 0, a, [1.0 - a], rebase=not heun, in_scale=scale[i])
+        if heun:
             delta = sig[i + 1] - sig[i]
             coef = [0.5 * delta * (1.0 / sig[i + 1] - 2.0 / sig[i]), -0.5 * delta / sig[i + 1]]
-            rows.add(idx[i + 1], 1, a, coef, rebase=True, in_scale=alpha[idx[i + 1]])
-    rows.add(idx[-1], 0, 0.0, [1.0], rebase=True, in_scale=alpha[idx[-1]])  # σ → 0: x = D
+            rows.add(levels[i + 1], 1, a, coef, rebase=True, in_scale=scale[i + 1])
     return rows.plan("x0", init_scale=sig[0])
 
 
@@ -568,15 +593,6 @@ def run_plan(
     x = jax.random.normal(init_key, shape, jnp.float32) * jnp.float32(plan.init_scale)
     x = _constrain(x, batch_sharding)
     y = _constrain(y, batch_sharding)
-    f32 = lambda a: jnp.asarray(a, jnp.float32)
-    rows = (
-        jnp.asarray(plan.timesteps),
-        f32(plan.in_scale),
-        jnp.asarray(plan.slot),
-        f32(plan.base_coef),
-        f32(plan.pred_coef),
-        jnp.asarray(plan.rebase),
-    )
 
     def predict(x_vp, t):
         out = _apply(model_fn, x_vp, t, y).astype(jnp.float32)
@@ -590,18 +606,76 @@ def run_plan(
 
     def body(carry, row):
         base, x, slots = carry
-        t, in_scale, slot, base_coef, pred_coef, rebase = row
+        t, in_scale, _, _, _, rebase = row
         pred = predict(x * in_scale, jnp.full((shape[0],), t, jnp.int32))
-        slots = tuple(jnp.where(slot == k, pred, slots[k]) for k in range(3))
-        x = base_coef * base
-        for k in range(3):
-            x = x + pred_coef[k] * slots[k]
+        x, slots = _plan_update(carry, row, pred)
         x = _constrain(x, batch_sharding)
         return (jnp.where(rebase, x, base), x, slots), None
 
     zeros = jnp.zeros_like(x)
-    (_, x, _), _ = jax.lax.scan(body, (x, x, (zeros, zeros, zeros)), rows)
+    (_, x, _), _ = jax.lax.scan(body, (x, x, (zeros, zeros, zeros)), _plan_rows(plan))
     return x
+
+
+def run_plan_denoiser(
+    plan: SolverPlan,
+    denoise: Callable[[jax.Array, jax.Array], jax.Array],
+    sigmas: Any,
+    x: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Runs an x0-prediction plan from `x` with a VE denoiser D(x; σ) in place of a VP model.
+
+    Row n calls denoise(in_scale[n]·x, σ [B]) at σ = sigmas[timesteps[n]] (with
+    `edm_ladder_plan`'s default timesteps, `sigmas` is the ladder itself).
+
+    Args:
+      plan: a `SolverPlan` predicting x0 (e.g. `edm_ladder_plan(sigmas)`).
+      denoise: (x [B, ...], sigma [B]) -> D(x; σ) [B, ...].
+      sigmas: [M] the σ of each index the plan's timesteps name.
+      x: [B, ...] the state at the plan's first level.
+
+    Returns:
+      (xs, preds), each [N, B, ...] float32: the state after row n and the D row n called.
+    """
+    if plan.prediction != "x0":
+        raise ValueError(f"run_plan_denoiser needs a plan predicting x0, got {plan.prediction!r}.")
+    sig = jnp.asarray(sigmas, jnp.float32)
+    x = jnp.asarray(x, jnp.float32)
+
+    def body(carry, row):
+        base, x, slots = carry
+        t, in_scale, _, _, _, rebase = row
+        pred = denoise(x * in_scale, jnp.full((x.shape[0],), sig[t])).astype(jnp.float32)
+        x, slots = _plan_update(carry, row, pred)
+        return (jnp.where(rebase, x, base), x, slots), (x, pred)
+
+    zeros = jnp.zeros_like(x)
+    _, (xs, preds) = jax.lax.scan(body, (x, x, (zeros, zeros, zeros)), _plan_rows(plan))
+    return xs, preds
+
+
+def _plan_rows(plan: SolverPlan) -> tuple[jax.Array, ...]:
+    """The plan's rows as the scan's inputs (coefficients in float32)."""
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return (
+        jnp.asarray(plan.timesteps),
+        f32(plan.in_scale),
+        jnp.asarray(plan.slot),
+        f32(plan.base_coef),
+        f32(plan.pred_coef),
+        jnp.asarray(plan.rebase),
+    )
+
+
+def _plan_update(carry, row, pred: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """One row after its model call: `pred` into its slot, x ← base_coef·base + Σ pred_coef·slots."""
+    base, _, slots = carry
+    _, _, slot, base_coef, pred_coef, _ = row
+    slots = tuple(jnp.where(slot == k, pred, slots[k]) for k in range(3))
+    x = base_coef * base
+    for k in range(3):
+        x = x + pred_coef[k] * slots[k]
+    return x, slots
 
 
 def dpm_solver_sample(
