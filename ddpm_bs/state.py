@@ -123,26 +123,15 @@ def build_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
     return schedules.from_config(config.diffusion)
 
 
-def build_sampler(config: ml_collections.ConfigDict):
-    """The timestep sampler of `config.timesteps` ('auto' fields must be resolved first)."""
-    ts, num_timesteps = config.timesteps, config.diffusion.num_timesteps
-    if ts.sampler not in timesteps.CONFIG_FIELDS:
-        raise ValueError(
-            f"timesteps.sampler={ts.sampler!r} is unknown; valid samplers: "
-            f"{', '.join(timesteps.CONFIG_FIELDS)}."
-        )
-    if ts.sampler == "bernoulli" and not isinstance(ts.t_delta, int):
-        raise ValueError(
-            f"timesteps.t_delta={ts.t_delta!r} must be an integer in [1, {num_timesteps}] "
-            "(train_and_evaluate resolves 'auto' with the optimal-transport locator first)."
-        )
-    kwargs = {
-        argument: tuple(ts[field]) if isinstance(ts[field], (list, tuple)) else ts[field]
-        for argument, field in timesteps.CONFIG_FIELDS[ts.sampler].items()
-    }
-    if ts.sampler == "lognormal":
-        kwargs["schedule"] = config.diffusion.schedule
-    return timesteps.get_sampler(ts.sampler, num_timesteps, **kwargs)
+def build_sampler(config: ml_collections.ConfigDict, interval: dict | None = None):
+    """The timestep sampler of `config.timesteps`.
+
+    `interval` is the located W₂ curve (interval.json's dict) that 'auto' fields read; see
+    `timesteps.needs_interval`.
+    """
+    return timesteps.from_config(
+        config.timesteps, schedule=build_schedule(config), interval=interval
+    )
 
 
 def build_loss(config: ml_collections.ConfigDict) -> losses.LossSpec:
@@ -179,13 +168,16 @@ class Parts:
         )
 
 
-def build(config: ml_collections.ConfigDict) -> Parts:
-    """Every section a run needs, built (and so checked) by the object that reads it."""
+def build(config: ml_collections.ConfigDict, interval: dict | None = None) -> Parts:
+    """Every section a run needs, built (and so checked) by the object that reads it.
+
+    `interval`: the located W₂ curve, for timestep laws with 'auto' fields.
+    """
     tx, lr_schedule = optim.build(optim.OptimSpec.from_config(config.optim))
     return Parts(
         model=build_model(config),
         schedule=build_schedule(config),
-        sampler=build_sampler(config),
+        sampler=build_sampler(config, interval),
         loss_spec=build_loss(config),
         tx=tx,
         lr_schedule=lr_schedule,
@@ -249,7 +241,23 @@ def abstract_state(init_fn, key: jax.Array, mesh: Mesh) -> tuple[TrainState, Any
     return abstract, shardings
 
 
-def abstract_state_of(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> TrainState:
-    """The abstract TrainState of `config` (for restoring a workdir's checkpoint outside training)."""
+def abstract_state_of(
+    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None
+) -> TrainState:
+    """The abstract TrainState of the run in `workdir`, to restore its checkpoint outside training.
+
+    A timestep law with 'auto' fields is rebuilt from the interval.json training located.
+    """
+    interval = None
+    if timesteps.needs_interval(config.timesteps):
+        from ddpm_bs import interval as interval_lib  # ott-jax: only for located laws
+
+        interval = interval_lib.load_result(workdir)
+        if interval is None:
+            raise fields.SetupError(
+                f"--workdir={workdir} has no interval.json, which timesteps.sampler="
+                f"{config.timesteps.sampler!r} with 'auto' fields needs: point --workdir at the "
+                "run that trained it, or set the located values explicitly."
+            )
     mesh = mesh or build_mesh(config)
-    return abstract_state(build(config).init_fn(), run_keys(config.seed).init, mesh)[0]
+    return abstract_state(build(config, interval).init_fn(), run_keys(config.seed).init, mesh)[0]

@@ -9,7 +9,6 @@ configured sampler; x_t by `q_sample`; per-example loss; optional importance wei
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import json
 import logging
@@ -219,7 +218,13 @@ def itstime(step: int, every: int, last: int) -> bool:
 class Trainer:
     """Holds the compiled functions of one run; `train_and_evaluate` drives it."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: Mesh | None = None,
+        interval: dict | None = None,
+    ):
+        """`interval`: the located W₂ curve, for timestep laws with 'auto' fields."""
         self.config = config
         self.mesh = mesh or state_lib.build_mesh(config)
         n_shards = sharding.num_batch_shards(self.mesh)
@@ -229,7 +234,7 @@ class Trainer:
                 f"{n_shards} devices the batch is split over (mesh.data × mesh.fsdp) × "
                 f"train.grad_accum_steps={config.train.grad_accum_steps}."
             )
-        parts = state_lib.build(config)
+        parts = state_lib.build(config, interval)
         self.parts = parts
         self.model, self.sampler, self.schedule = parts.model, parts.sampler, parts.schedule
         self.image_shape = parts.image_shape
@@ -328,8 +333,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """
     validate.validate_config(config, num_devices=jax.device_count(), mode="train")
     with _input_problems():  # locating t_δ reads the user's data
-        config = resolve_t_delta(config, workdir)
-    trainer = Trainer(config)
+        located = locate_if_needed(config, workdir)
+    trainer = Trainer(config, interval=located)
+    if jax.process_index() == 0:
+        for warning in timesteps.warnings_for(trainer.sampler):
+            logging.warning("%s", warning)
     with _input_problems():  # a dataset not prepared, an empty folder, unreadable files
         loader = data.build(
             data.DataSpec.from_config(config.data),
@@ -467,25 +475,24 @@ def _check_finite(state: TrainState, on_nonfinite: str, ckpt, known_skipped: int
         )
 
 
-def resolve_t_delta(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """Replaces timesteps.t_delta='auto' by the located t_δ (the workdir's interval.json, or a new
-    `interval.run_locate`), logging it. Other configs are returned unchanged."""
-    if config.timesteps.t_delta != "auto":
-        return config
+def locate_if_needed(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+    """The located W₂ curve when a timestep field is 'auto' (else None): the workdir's
+    interval.json, or a new `interval.run_locate` that writes it there."""
+    if not timesteps.needs_interval(config.timesteps):
+        return None
     from ddpm_bs import interval
 
-    t_delta = interval.load_t_delta(workdir)
-    if t_delta is None:
-        logging.info("timesteps.t_delta='auto': locating t_δ with optimal transport first.")
-        t_delta = interval.run_locate(config, workdir)["t_delta"]
-    config = copy.deepcopy(config)
-    config.timesteps.t_delta = int(t_delta)
+    located = interval.load_result(workdir)
+    if located is None:
+        logging.info("timesteps: 'auto' fields; locating t_δ with optimal transport first.")
+        located = interval.run_locate(config, workdir)
     logging.info(
-        "Training with the located t_δ = %d (t_δ/T = %.3f).",
-        t_delta,
-        t_delta / config.diffusion.num_timesteps,
+        "Training with the located t_δ = %d (t_δ/T = %.3f), W₂ decay rate K = %.3g.",
+        located["t_delta"],
+        located["t_delta"] / config.diffusion.num_timesteps,
+        located.get("decay_rate", float("nan")),
     )
-    return config
+    return located
 
 
 def _write_samples(trainer, state, step, workdir, writer, is_main):

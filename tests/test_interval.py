@@ -365,12 +365,12 @@ def test_auto_t_delta_sets_the_sampler_training_uses(tmp_path):
     config.interval.num_images = 60
     config.interval.num_t = 8
     config.interval.num_seeds = 1
-    resolved = train.resolve_t_delta(config, str(tmp_path))
+    result = train.locate_if_needed(config, str(tmp_path))
     located = interval.load_t_delta(str(tmp_path))
-    assert located is not None and resolved.timesteps.t_delta == located
-    sampler = state.build_sampler(resolved)
+    assert located is not None and result["t_delta"] == located
+    sampler = state.build_sampler(config, result)
     assert sampler.t_delta == located
     # A second start reuses interval.json instead of locating again.
     (tmp_path / "interval.png").unlink()
-    assert train.resolve_t_delta(config, str(tmp_path)).timesteps.t_delta == located
+    assert train.locate_if_needed(config, str(tmp_path))["t_delta"] == located
     assert not (tmp_path / "interval.png").exists()
