@@ -64,11 +64,15 @@ def get_config() -> ml_collections.ConfigDict:
     # --- Timestep sampler (ddpm_bs.timesteps) -----------------------------------------------
     c.timesteps = ml_collections.ConfigDict()
     c.timesteps.sampler = "uniform"  # 'uniform', 'bernoulli', 'piecewise', 'beta', 'lognormal',
-    #                                  'logit_normal' or 'loss_aware'.
+    #                                  'logit_normal', 'loss_aware', 'ot_gap' or 'ot_rate'.
     # bernoulli: end of the significant interval, 1-based, in [1, T]; or 'auto' to locate it
     # with optimal transport before training (mode=locate; reuses the workdir's interval.json).
     c.timesteps.t_delta = config_dict.FieldReference(800, field_type=object)
-    c.timesteps.p = 0.8  # bernoulli: probability of drawing from the significant interval.
+    # bernoulli: probability of the significant interval {1..t_δ}, in [0, 1]; it favours that
+    # interval only when p > t_δ/T (p = t_δ/T is the uniform law). 'auto': p = Σ_{t<t_δ} W(t) /
+    # Σ_t W(t), the share of the fitted W₂ curve W(t) = e^{−K s(t)} on the interval (K from
+    # decay_rate), which is always > t_δ/T. Pair t_delta='auto' with p='auto'.
+    c.timesteps.p = config_dict.FieldReference(0.8, field_type=object)
     c.timesteps.boundaries = (800,)  # piecewise: interior 1-based boundaries.
     c.timesteps.masses = (0.8, 0.2)  # piecewise: mass of each interval.
     c.timesteps.beta_a = 1.0  # beta: shape a.
@@ -79,6 +83,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.timesteps.logit_std = 1.0  # logit_normal: std of logit(t/T) (SD3).
     c.timesteps.history = 10  # loss_aware: losses remembered per timestep.
     c.timesteps.uniform_prob = 0.001  # loss_aware: mass kept uniform.
+    # ot_gap, ot_rate and p='auto': K of the fitted W₂ decay W(t)/W(0) = e^{−K s(t)}, s(t) =
+    # −log ᾱ_t (per unit of s; ½ for a translation); 'auto' reads interval.json (mode=locate,
+    # run first when absent), or a number > 0 (e.g. 0.61, digits 0 vs 1 in experiments/REPORT.md).
+    c.timesteps.decay_rate = config_dict.FieldReference("auto", field_type=object)
+    c.timesteps.ot_floor = 0.1  # ot_gap, ot_rate: fraction of mass spread uniformly, in [0, 1].
     c.timesteps.importance_weighting = False  # Reweight by 1/(T·p(t)) for an unbiased objective.
 
     # --- Loss (ddpm_bs.losses) --------------------------------------------------------------

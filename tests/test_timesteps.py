@@ -8,6 +8,7 @@ import re
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import scipy.special
@@ -15,7 +16,8 @@ import scipy.stats
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_bs import timesteps
+from configs import default as default_config
+from ddpm_bs import schedules, timesteps
 
 T = 200  # grid of the every-sampler tests: ≥ 5,000 expected draws per bin for uniform
 N_DRAWS = 1_000_000
@@ -57,6 +59,8 @@ SAMPLER_CASES = {
     "logit_normal": lambda: timesteps.logit_normal(T, 0.5, 1.2),
     "categorical": lambda: timesteps.categorical(np.arange(T) % 7),
     "loss_aware": lambda: timesteps.loss_aware(T),
+    "ot_gap": lambda: timesteps.ot_gap(T, 0.6, "cosine", 0.1),
+    "ot_rate": lambda: timesteps.ot_rate(T, 0.6, "linear", 0.05),
 }
 CONTINUOUS_LAW = {  # exact continuous CDFs; every other sampler spreads its pmf uniformly
     "beta": lambda u: scipy.stats.beta(2.0, 5.0).cdf(u),
@@ -177,16 +181,25 @@ def test_bernoulli_draws_pass_chi_square(num, t_delta, p):
         assert draws.max() <= t_delta - 1
 
 
-def test_bernoulli_is_piecewise_with_one_boundary():
+def test_bernoulli_has_the_law_of_piecewise_with_one_boundary():
     for t_delta, p in [(800, 0.8), (1, 0.3), (1000, 0.7), (500, 0.0), (500, 1.0), (333, 0.1)]:
         bern = timesteps.bernoulli(1000, t_delta, p)
         piece = timesteps.piecewise(1000, (t_delta,), (p, 1 - p))
-        assert bern.as_piecewise == piece
-        np.testing.assert_array_equal(bern.probs, piece.probs)
-        assert bern._table == piece._table  # the same integer tables, so the same draws
-    key = jax.random.key(8)
-    bern, piece = timesteps.bernoulli(1000, 800, 0.8), timesteps.piecewise(1000, (800,), (0.8, 0.2))
-    np.testing.assert_array_equal(bern(key, (1000,)), piece(key, (1000,)))
+        np.testing.assert_allclose(bern.probs, piece.probs, rtol=1e-13, atol=1e-18)
+
+
+def test_laws_drawn_with_one_key_are_quantile_coupled():
+    """The index grows with the one uniform number behind it, so laws that nearly agree draw
+    nearly the same timesteps from the same key: at the paper's setting Algorithm 1 and the
+    uniform law are never more than one step apart (independent draws: 333 on average)."""
+    key, shape = jax.random.key(9), (20_000,)
+    uniform = np.asarray(timesteps.uniform(1000)(key, shape))
+    bern = np.asarray(timesteps.bernoulli(1000, 800, 0.8)(key, shape))
+    piece = np.asarray(timesteps.piecewise(1000, (800,), (0.8, 0.2))(key, shape))
+    assert np.abs(uniform - bern).max() <= 1
+    assert np.abs(piece - bern).max() <= 1 and np.mean(piece != bern) < 0.001  # float rounding
+    u = np.asarray(jax.random.uniform(key, shape))
+    assert np.all(np.diff(bern[np.argsort(u, kind="stable")]) >= 0)  # monotone in u
 
 
 def test_bernoulli_works_under_jit_and_vmap_over_keys():
@@ -267,78 +280,6 @@ def test_piecewise_many_intervals_use_the_searchsorted_path():
     _assert_chisquare(draws, sampler.probs)
 
 
-_MANY_MASSES = tuple(np.random.default_rng(0).dirichlet(np.ones(100)))
-WORD_CASES = {
-    "uniform_1000": timesteps.uniform(1000),
-    "uniform_70001": timesteps.uniform(70_001),  # T ≥ 2¹⁶: the general 32×32 multiply
-    "bernoulli_800_0.8": timesteps.bernoulli(1000, 800, 0.8),
-    "bernoulli_3_0.999999": timesteps.bernoulli(1000, 3, 0.999999),
-    "piecewise_3": timesteps.piecewise(1000, (100, 900), (0.25, 0.5, 0.25)),
-    "piecewise_100": timesteps.piecewise(1000, tuple(range(10, 1000, 10)), _MANY_MASSES),
-}
-
-
-@pytest.mark.parametrize("sampler", WORD_CASES.values(), ids=WORD_CASES.keys())
-def test_piecewise_words_map_to_indices_exactly(sampler):
-    """Each 32-bit word x of piece k must give start + ⌊(x − P_{k−1})·n/W⌋ (exact integers)."""
-    starts, lengths, _ = sampler._pieces()
-    table = sampler._table
-    offsets = [p.offset for p in table] + [2**32]
-    words, want = [], []
-    for k, piece in enumerate(table):
-        n = lengths[starts.index(piece.start)]
-        width = offsets[k + 1] - piece.offset
-        for j in np.unique(np.linspace(0, n - 1, min(n, 2000)).astype(np.int64)).tolist():
-            first = -(-j * width // n)  # first r with ⌊r·n/W⌋ = j
-            for r in (first - 1, first, first + 1, width - 1):
-                if 0 <= r < width:
-                    words.append(piece.offset + r)
-                    want.append(piece.start + r * n // width)
-    got = jax.jit(lambda b: timesteps._draw_pieces(table, b))(jnp.asarray(words, jnp.uint32))
-    np.testing.assert_array_equal(got, want)
-    # Word counts per index reproduce probs to a few parts in 2³².
-    mass = np.zeros(sampler.num_timesteps)
-    for k, piece in enumerate(table):
-        n = lengths[starts.index(piece.start)]
-        width = offsets[k + 1] - piece.offset
-        j = np.arange(n + 1, dtype=object)
-        first = -(-j * width // n)
-        mass[piece.start : piece.start + n] += np.diff(first).astype(np.float64) / 2**32
-    np.testing.assert_allclose(mass, sampler.probs, rtol=0, atol=4 * 2.0**-32)
-
-
-def test_mulhi_matches_64_bit_product():
-    rng = np.random.default_rng(0)
-    edge_a = np.array([0, 1, 2**32 - 1, 2**16, 2**16 - 1], np.uint64)
-    edge_b = np.array([2**32 - 1, 0, 2**32 - 1, 2**16, 2**32 - 1], np.uint64)
-    a = np.concatenate([rng.integers(0, 2**32, 10_000, dtype=np.uint64), edge_a])
-    b = np.concatenate([rng.integers(0, 2**32, 10_000, dtype=np.uint64), edge_b])
-    want = (a.astype(object) * b.astype(object)) >> 32
-    got = timesteps._mulhi(jnp.asarray(a, jnp.uint32), jnp.asarray(b, jnp.uint32))
-    np.testing.assert_array_equal(np.asarray(got, np.uint64), want.astype(np.uint64))
-    for const in (1000, 65535, 65536, 70_001, 2**32 - 1):
-        got = timesteps._mulhi(jnp.asarray(a, jnp.uint32), const)
-        want = (a.astype(object) * const) >> 32
-        np.testing.assert_array_equal(np.asarray(got, np.uint64), want.astype(np.uint64))
-
-
-@pytest.mark.parametrize("name", ["beta", "lognormal", "logit_normal", "categorical"])
-def test_alias_table_reproduces_probs_and_words_map_exactly(name):
-    sampler, _ = _case(name)
-    threshold, alias = sampler._alias
-    num = sampler.num_timesteps
-    keep = threshold.astype(np.float64) / 2**32
-    mass = np.bincount(np.arange(num), keep / num, minlength=num)
-    mass += np.bincount(alias, (1 - keep) / num, minlength=num)
-    np.testing.assert_allclose(mass, sampler.probs, rtol=0, atol=2.0**-32)
-    words = np.random.default_rng(1).integers(0, 2**32, 100_000, dtype=np.uint64)
-    product = words * np.uint64(num)
-    column, fraction = product >> np.uint64(32), product & np.uint64(2**32 - 1)
-    want = np.where(fraction < threshold[column], column, alias[column])
-    got = timesteps._draw_alias(threshold, alias, jnp.asarray(words, jnp.uint32))
-    np.testing.assert_array_equal(got, want)
-
-
 # ---------------------------------------------------------------------------------------------
 # Every sampler.
 
@@ -395,6 +336,8 @@ SINGLE_STEP = {
     "logit_normal": lambda: timesteps.logit_normal(1),
     "categorical": lambda: timesteps.categorical((3.0,)),
     "loss_aware": lambda: timesteps.loss_aware(1),
+    "ot_gap": lambda: timesteps.ot_gap(1, 0.6),
+    "ot_rate": lambda: timesteps.ot_rate(1, 0.6),
 }
 
 
@@ -440,7 +383,7 @@ def test_samplers_are_hashable_and_equal_by_parameters():
 
 
 def test_get_sampler_builds_every_named_sampler():
-    assert timesteps.SAMPLERS == (
+    assert list(timesteps.SAMPLERS) == [
         "uniform",
         "bernoulli",
         "piecewise",
@@ -448,7 +391,9 @@ def test_get_sampler_builds_every_named_sampler():
         "lognormal",
         "logit_normal",
         "loss_aware",
-    )
+        "ot_gap",
+        "ot_rate",
+    ]
     kwargs = {
         "uniform": {},
         "bernoulli": {"t_delta": 80, "p": 0.8},
@@ -457,6 +402,8 @@ def test_get_sampler_builds_every_named_sampler():
         "lognormal": {"p_mean": -1.0},
         "logit_normal": {"std": 0.5},
         "loss_aware": {"history_per_term": 5},
+        "ot_gap": {"decay_rate": 0.5, "floor": 0.2},
+        "ot_rate": {"decay_rate": 0.5, "schedule": "linear"},
     }
     for name in timesteps.SAMPLERS:
         sampler = timesteps.get_sampler(name, 100, **kwargs[name])
@@ -530,7 +477,17 @@ def test_loss_aware_probs_uniform_until_warm_then_sqrt_second_moment():
 
 
 @pytest.mark.parametrize(
-    "name", ["uniform", "bernoulli", "piecewise", "beta", "logit_normal", "loss_aware"]
+    "name",
+    [
+        "uniform",
+        "bernoulli",
+        "piecewise",
+        "beta",
+        "logit_normal",
+        "loss_aware",
+        "ot_gap",
+        "ot_rate",
+    ],
 )
 def test_importance_weights_make_the_objective_unbiased(name):
     sampler, state = _case(name)
@@ -597,10 +554,10 @@ BAD_INPUTS = [
     ),
     (lambda: timesteps.categorical(()), r"weights must be"),
     (lambda: timesteps.get_sampler("gaussian", 10), r"'gaussian' is unknown; valid names: uniform"),
-    (
-        lambda: timesteps.get_sampler("bernoulli", 10, t_delta=5, p=0.5, q=1),
-        r"argument\(s\) q .*t_delta, p",
-    ),
+    (lambda: timesteps.ot_gap(10, 0.0), r"decay_rate must be .*\(0\.0, inf\), got 0\.0"),
+    (lambda: timesteps.ot_rate(10, float("nan")), r"decay_rate must be .*got nan"),
+    (lambda: timesteps.ot_rate(10, 0.5, floor=1.5), r"floor must be .*\[0\.0, 1\.0\], got 1\.5"),
+    (lambda: timesteps.ot_gap(10, 0.5, schedule="custom"), r"schedule .*linear, cosine.*custom"),
     (lambda: timesteps.uniform(10)(_KEY, 5), r"shape must be a tuple .*got 5"),
     (lambda: timesteps.uniform(10)(_KEY, [5]), r"shape must be a tuple .*got \[5\]"),
     (lambda: timesteps.beta(10, 1.0, 1.0).continuous(_KEY, (2.0,)), r"shape .*\(2\.0,\)"),
@@ -625,6 +582,245 @@ BAD_INPUTS = [
 def test_bad_input_raises_value_error_naming_the_argument(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+# ---------------------------------------------------------------------------------------------
+# OT-derived laws: built from the fitted W₂ decay exactly as their formulas say.
+
+
+def _linear_alphas_cumprod(num):
+    """DDPM's linear schedule written out: β from 1e-4 to 0.02 (scaled by 1000/T), ᾱ = Π(1 − β)."""
+    scale = 1000 / num
+    return np.cumprod(1.0 - np.linspace(scale * 1e-4, scale * 0.02, num))
+
+
+def _cosine_alphas_cumprod(num, s=0.008):
+    """Improved DDPM's cosine schedule (Eq. 17), β clipped at 0.999, ᾱ = Π(1 − β)."""
+    f = np.cos((np.arange(num + 1) / num + s) / (1 + s) * np.pi / 2) ** 2
+    betas = np.minimum(1 - f[1:] / f[:-1], 0.999)
+    return np.cumprod(1.0 - betas)
+
+
+ALPHAS = {"linear": _linear_alphas_cumprod, "cosine": _cosine_alphas_cumprod}
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("decay_rate,floor", [(0.61, 0.1), (0.5, 0.0), (2.0, 0.3)])
+def test_ot_gap_is_the_fitted_w2_curve_plus_a_floor(schedule, decay_rate, floor):
+    num = 1000
+    w = np.exp(-decay_rate * -np.log(ALPHAS[schedule](num)))  # W(t)/W(0) = e^{−K s(t)}
+    expected = (1 - floor) * w / w.sum() + floor / num
+    sampler = timesteps.ot_gap(num, decay_rate, schedule, floor)
+    np.testing.assert_allclose(sampler.probs, expected, rtol=1e-9)
+    assert np.all(np.diff(sampler.probs) <= 0)  # mass falls as the distributions merge
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("decay_rate,floor", [(0.61, 0.1), (0.5, 0.0), (2.0, 0.3)])
+def test_ot_rate_is_the_fall_of_the_fitted_w2_curve_plus_a_floor(schedule, decay_rate, floor):
+    num = 1000
+    w = np.exp(-decay_rate * -np.log(ALPHAS[schedule](num)))
+    fall = np.concatenate([[1.0], w[:-1]]) - w  # W(t−1) − W(t), W(−1) = 1
+    expected = (1 - floor) * fall / fall.sum() + floor / num
+    sampler = timesteps.ot_rate(num, decay_rate, schedule, floor)
+    np.testing.assert_allclose(sampler.probs, expected, rtol=1e-9)
+    peak = int(np.argmax(sampler.probs))
+    assert 0 < peak < num - 1  # rises, then falls: mass where W drops fastest
+
+
+def test_ot_laws_floor_gives_every_timestep_at_least_floor_over_T():
+    for law in (timesteps.ot_gap, timesteps.ot_rate):
+        probs = law(1000, 5.0, "cosine", 0.1).probs  # a fast decay starves the tail without it
+        assert probs.min() >= 0.1 / 1000 * (1 - 1e-12)
+        assert law(1000, 5.0, "cosine", 0.0).probs[-100:].sum() < 1e-3
+
+
+@pytest.mark.parametrize("t_delta", [1, 500, 800, 912, 999])
+def test_auto_p_is_the_w2_area_on_the_significant_interval_and_favours_it(t_delta):
+    w = np.exp(-0.61 * -np.log(_cosine_alphas_cumprod(1000)))
+    p = timesteps.auto_p(t_delta, 0.61, "cosine", 1000)
+    np.testing.assert_allclose(p, w[:t_delta].sum() / w.sum(), rtol=1e-12)
+    assert p > t_delta / 1000  # more than uniform mass on {1..t_δ}
+    warnings = timesteps.warnings_for(timesteps.bernoulli(1000, t_delta, p))
+    assert not any("less than uniform mass" in w for w in warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# from_config: the `timesteps` section, validated by the factory built from it.
+
+COSINE = schedules.get_schedule("cosine", 1000)
+LINEAR = schedules.get_schedule("linear", 1000)
+INTERVAL = {"t_delta": 912, "decay_rate": 0.61, "schedule": "cosine", "num_timesteps": 1000}
+
+
+def _section(**overrides):
+    cfg = default_config.get_config().timesteps
+    for name, value in overrides.items():
+        cfg[name] = value
+    return cfg
+
+
+def test_default_config_reads_every_field_of_the_timesteps_section():
+    assert set(default_config.get_config().timesteps) <= set(timesteps.FIELDS)
+    assert timesteps.from_config(_section(), schedule=COSINE) == timesteps.uniform(1000)
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        ({"sampler": "bernoulli", "t_delta": 700, "p": 0.9}, timesteps.bernoulli(1000, 700, 0.9)),
+        (
+            {"sampler": "piecewise", "boundaries": [100, 900], "masses": [0.3, 0.5, 0.2]},
+            timesteps.piecewise(1000, (100, 900), (0.3, 0.5, 0.2)),
+        ),
+        ({"sampler": "beta", "beta_a": 2.0, "beta_b": 3.0}, timesteps.beta(1000, 2.0, 3.0)),
+        (
+            {"sampler": "lognormal", "p_mean": -1.0, "p_std": 1.5},
+            timesteps.lognormal(1000, -1.0, 1.5, "linear"),
+        ),
+        (
+            {"sampler": "logit_normal", "logit_mean": 0.5, "logit_std": 0.7},
+            timesteps.logit_normal(1000, 0.5, 0.7),
+        ),
+        (
+            {"sampler": "loss_aware", "history": 4, "uniform_prob": 0.01},
+            timesteps.loss_aware(1000, 4, 0.01),
+        ),
+        (
+            {"sampler": "ot_gap", "decay_rate": 0.7, "ot_floor": 0.2},
+            timesteps.ot_gap(1000, 0.7, "linear", 0.2),
+        ),
+        (
+            {"sampler": "ot_rate", "decay_rate": 0.7, "ot_floor": 0.2},
+            timesteps.ot_rate(1000, 0.7, "linear", 0.2),
+        ),
+    ],
+    ids=lambda v: v["sampler"] if isinstance(v, dict) else "",
+)
+def test_from_config_builds_each_law_from_its_fields(overrides, expected):
+    cfg = _section(**{"decay_rate": "auto", "ot_floor": 0.1, **overrides})
+    assert timesteps.from_config(cfg, schedule=LINEAR) == expected
+    assert not timesteps.needs_interval(cfg)
+
+
+def test_auto_fields_read_the_located_interval():
+    cfg = _section(sampler="bernoulli", t_delta="auto", p=0.8)
+    assert timesteps.needs_interval(cfg)
+    sampler = timesteps.from_config(cfg, schedule=COSINE, interval=INTERVAL)
+    assert sampler == timesteps.bernoulli(1000, 912, 0.8)
+    cfg = _section(sampler="bernoulli", t_delta="auto", p="auto", decay_rate="auto")
+    sampler = timesteps.from_config(cfg, schedule=COSINE, interval=INTERVAL)
+    assert sampler == timesteps.bernoulli(1000, 912, timesteps.auto_p(912, 0.61, "cosine", 1000))
+    assert timesteps.warnings_for(sampler) == []
+    cfg = _section(sampler="bernoulli", t_delta=800, p="auto", decay_rate=0.5)
+    assert not timesteps.needs_interval(cfg)
+    assert timesteps.from_config(cfg, schedule=COSINE).p == timesteps.auto_p(
+        800, 0.5, "cosine", 1000
+    )
+    cfg = _section(sampler="ot_rate", decay_rate="auto", ot_floor=0.1)
+    assert timesteps.needs_interval(cfg)
+    sampler = timesteps.from_config(cfg, schedule=COSINE, interval=INTERVAL)
+    assert sampler == timesteps.ot_rate(1000, 0.61, "cosine", 0.1)
+
+
+BAD_CONFIGS = [
+    (
+        {"sampler": "gaussian"},
+        "timesteps.sampler='gaussian': must be one of 'uniform', 'bernoulli', 'piecewise', "
+        "'beta', 'lognormal', 'logit_normal', 'loss_aware', 'ot_gap', 'ot_rate'; fix it in the "
+        "config file or with --config.timesteps.sampler=<value>.",
+    ),
+    (
+        {"importance_weighting": 1},
+        "timesteps.importance_weighting=1: must be True or False; fix it in the config file or "
+        "with --config.timesteps.importance_weighting=<value>.",
+    ),
+    (
+        {"sampler": "bernoulli", "p": 1.5},
+        "timesteps.p=1.5: p must be a finite real number in [0.0, 1.0], got 1.5; fix it in the "
+        "config file or with --config.timesteps.p=<value>.",
+    ),
+    (
+        {"sampler": "bernoulli", "t_delta": 1001},
+        "timesteps.t_delta=1001: must be 'auto' or an integer in [1, diffusion.num_timesteps="
+        "1000] (the paper's 1-based t_δ; 'auto' locates it with optimal transport); e.g. "
+        "--config.timesteps.t_delta=auto.",
+    ),
+    (
+        {"sampler": "beta", "beta_b": -2.0},
+        "timesteps.beta_b=-2.0: b must be a finite real number in (0.0, inf), got -2.0; fix it "
+        "in the config file or with --config.timesteps.beta_b=<value>.",
+    ),
+    (
+        {"sampler": "loss_aware", "history": 0},
+        "timesteps.history=0: history_per_term must be an integer ≥ 1, got 0; fix it in the "
+        "config file or with --config.timesteps.history=<value>.",
+    ),
+    (
+        {"sampler": "ot_gap", "decay_rate": 0.5, "ot_floor": 1.5},
+        "timesteps.ot_floor=1.5: floor must be a finite real number in [0.0, 1.0], got 1.5; fix "
+        "it in the config file or with --config.timesteps.ot_floor=<value>.",
+    ),
+    (
+        {"t_deltaa": 800},
+        "timesteps.t_deltaa=800: unknown field (did you mean timesteps.t_delta?); remove it or "
+        "fix its name (configs/default.py documents every field).",
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_CONFIGS, ids=lambda v: str(v)[:30])
+def test_from_config_errors_are_one_line_naming_the_field(overrides, message):
+    cfg = _section(**{"decay_rate": "auto", "ot_floor": 0.1})
+    cfg = ml_collections.ConfigDict({**cfg.to_dict(), **overrides})
+    with pytest.raises(ValueError) as error:
+        timesteps.from_config(cfg, schedule=COSINE)
+    assert str(error.value) == message
+
+
+def test_from_config_missing_field_or_interval_names_what_to_do():
+    cfg = ml_collections.ConfigDict({"sampler": "ot_gap", "importance_weighting": False})
+    with pytest.raises(ValueError, match=r"^timesteps.decay_rate: missing; timesteps.sampler="):
+        timesteps.from_config(cfg, schedule=COSINE)
+    cfg = _section(sampler="bernoulli", t_delta="auto", p=0.9)
+    with pytest.raises(ValueError, match=r"^timesteps.t_delta='auto': needs the located interval"):
+        timesteps.from_config(cfg, schedule=COSINE)
+    with pytest.raises(ValueError, match=r"located for schedule 'cosine' .*'linear'"):
+        timesteps.from_config(cfg, schedule=LINEAR, interval=INTERVAL)
+    cfg = _section(sampler="ot_gap", decay_rate="auto", ot_floor=0.1)
+    with pytest.raises(ValueError, match=r"^timesteps.decay_rate='auto': interval.json has deca"):
+        timesteps.from_config(cfg, schedule=COSINE, interval={**INTERVAL, "decay_rate": math.nan})
+    custom = schedules.schedule_from_betas(np.full(1000, 0.01))
+    with pytest.raises(ValueError, match=r"^timesteps.sampler='ot_gap': needs a named schedule"):
+        timesteps.from_config(cfg, schedule=custom, interval=INTERVAL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saying the truth: warnings at training start, TV distance to uniform.
+
+
+def test_tv_to_uniform_by_hand():
+    assert timesteps.tv_to_uniform(timesteps.uniform(1000)) == 0.0
+    # Paper's p = t_δ/T = 0.8: 1/1000 moved onto t_δ from the 200 steps above it.
+    np.testing.assert_allclose(
+        timesteps.tv_to_uniform(timesteps.bernoulli(1000, 800, 0.8)), 0.2 / 201, rtol=1e-12
+    )
+    # p = 0.9: indices 0..799 hold 0.9 + 0.1/201 instead of 800/1000.
+    tv = timesteps.tv_to_uniform(timesteps.bernoulli(1000, 800, 0.9))
+    np.testing.assert_allclose(tv, 0.9 + 0.1 / 201 - 0.8, rtol=1e-12)
+
+
+def test_warnings_say_when_bernoulli_is_uniform_or_favours_the_wrong_interval():
+    (near,) = timesteps.warnings_for(timesteps.bernoulli(1000, 800, 0.8))
+    assert "total-variation distance 0.000995" in near and "experiments/REPORT.md" in near
+    (wrong,) = timesteps.warnings_for(timesteps.bernoulli(1000, 912, 0.8))  # digits' auto t_δ
+    assert "less than uniform mass" in wrong and "0.88/T" in wrong and "2.25/T" in wrong
+    assert timesteps.warnings_for(timesteps.bernoulli(1000, 800, 0.9)) == []
+    assert timesteps.warnings_for(timesteps.uniform(1000)) == []
+    assert timesteps.warnings_for(timesteps.loss_aware(1000)) == []
+    assert timesteps.warnings_for(timesteps.ot_gap(1000, 0.61)) == []
+    (flat,) = timesteps.warnings_for(timesteps.beta(1000, 1.0, 1.0))  # uniform in disguise
+    assert "Beta law is within total-variation distance" in flat
 
 
 # ---------------------------------------------------------------------------------------------
