@@ -659,11 +659,12 @@ class _BatchAt:
 class Loader:
     """Iterator over batches whose whole state is the step of the next batch.
 
-    A grain pipeline over the steps: `MapDataset.range(step, …).map(batch_at)`, prefetched
-    by `prefetch` batches, in `num_workers` grain worker processes (each preparing whole
-    batches, decoding with its own thread pool) or, with 0, in grain's prefetch thread in
-    this process. A grain thread then places each batch as a global `jax.Array` with
-    `jax.make_array_from_process_local_data`, given a sharding. The step is the checkpointed
+    A grain pipeline over the steps, `MapDataset.range(step, …).map(batch_at)`, prepared
+    `prefetch` batches ahead either in grain's prefetch thread in this process, which also
+    places each batch as a global `jax.Array` (`jax.make_array_from_process_local_data`)
+    given a sharding, or, with `num_workers` > 0, in grain's worker processes (started with
+    'spawn': a script that builds one needs an `if __name__ == "__main__":` guard), each
+    preparing whole batches in turn with its own decode threads. The step is the checkpointed
     state rather than grain's iterator state, which depends on the worker count: a run may
     resume with other `data.num_workers`. Use it as a context manager or call `close()`.
 
@@ -757,27 +758,31 @@ class Loader:
         return batch
 
     def _dataset(self, start: int) -> grain.IterDataset:
-        """Batches from step `start` on: grain map → worker processes → device placement."""
-        in_process = grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.prefetch)
+        """Placed batches from step `start` on, `prefetch` ahead (no further: a batch that
+        has been read is one the run has paid for)."""
         steps = grain.MapDataset.range(start, _LAST_STEP).map(_BatchAt(self.pipeline))
-        dataset = steps.to_iter_dataset(in_process)
-        if self.num_workers:
-            options = grain.MultiprocessingOptions(
-                num_workers=self.num_workers,
-                per_worker_buffer_size=max(1, -(-self.prefetch // self.num_workers)),
-            )
-            if not flags.FLAGS.is_parsed():  # grain reads an absl flag as its workers start
-                flags.FLAGS.mark_as_parsed()  # (library callers, pytest): keep the defaults
-            dataset = dataset.mp_prefetch(options)
-        dataset = dataset.map(self._receive)
-        return grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=1)
+        if not self.num_workers:  # grain's prefetch thread reads and places each batch
+            placed = steps.map(self._place)
+            read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.prefetch)
+            return placed.to_iter_dataset(read)
+        options = grain.MultiprocessingOptions(
+            num_workers=self.num_workers,
+            per_worker_buffer_size=max(1, -(-self.prefetch // self.num_workers)),
+        )
+        if not flags.FLAGS.is_parsed():  # grain reads an absl flag as its workers start
+            flags.FLAGS.mark_as_parsed()  # (library callers, pytest): keep the defaults
+        sequential = steps.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        return sequential.mp_prefetch(options).map(self._receive)
+
+    def _place(self, item: tuple[int, dict[str, np.ndarray], tuple[tuple[str, str], ...]]):
+        step, batch, _ = item
+        return step, _place(batch, self.sharding, self.global_batch_size)
 
     def _receive(self, item: tuple[int, dict[str, np.ndarray], tuple[tuple[str, str], ...]]):
-        """(step, placed batch), counting the paths a worker process skipped."""
-        step, batch, skipped = item
-        if self.num_workers:  # threads share the pipeline's set; workers report their own
-            self.pipeline.note_unreadable(skipped)
-        return step, _place(batch, self.sharding, self.global_batch_size)
+        """`_place` for a worker process's batch, counting the paths it skipped (threads share
+        the pipeline's count; a worker process has its own)."""
+        self.pipeline.note_unreadable(item[2])
+        return self._place(item)
 
     def _close_iterator(self) -> None:
         iterator, self._iterator = self._iterator, None
