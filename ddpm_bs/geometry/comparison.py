@@ -143,7 +143,7 @@ def compare_schedules(
         "objective": "summed local truncation error of single steps from teacher states",
     }
     for name, denoise in denoise_fns.items():
-        run = jax.jit(functools.partial(trajectories.solve, denoise), static_argnames="method")
+        run = _compiled_solve(denoise)
         teacher_fit = jax.device_get(run(x_fit, teacher_sigmas, method="heun"))
         teacher_eval = np.asarray(run(x_eval, teacher_sigmas, method="heun").samples[-1])
         costs = ladders_lib.step_costs(
@@ -218,3 +218,20 @@ def _plot_schedules(result: dict[str, Any], path: str) -> None:
         ax.legend()
     fig.tight_layout()
     artifacts.save_figure(fig, path)
+
+
+def _compiled_solve(denoise: denoisers_lib.Denoiser):
+    """run(x, sigmas, method=...) -> `trajectories.solve`'s Trajectory, jitted once per ladder.
+
+    The solvers' coefficients come from the ladder, so each ladder and method compiles once.
+    """
+
+    @functools.cache
+    def compiled(ladder: tuple[float, ...], method: str):
+        sigmas = np.asarray(ladder, np.float32)
+        return jax.jit(lambda x: trajectories.solve(denoise, x, sigmas, method))
+
+    def run(x: jax.Array, sigmas: Any, *, method: str) -> trajectories.Trajectory:
+        return compiled(tuple(np.asarray(sigmas, np.float32).tolist()), method)(x)
+
+    return run

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_bs import sampling
 from ddpm_bs.geometry import denoisers
 
 SOLVERS = ("euler", "heun", "dpm2", "dpmpp_2m")
@@ -55,15 +56,18 @@ class Trajectory(NamedTuple):
     extra_denoised: jax.Array
 
 
-def check_ladder(sigmas: Any) -> np.ndarray | jax.Array:
-    """`sigmas` as float32 after checking it is a ladder (a traced one passes unchecked).
+def check_ladder(sigmas: Any) -> np.ndarray:
+    """`sigmas` as float32 after checking it is a concrete ladder.
 
     Raises:
-      ValueError: not 1-D with ≥ 2 levels, not finite and > 0 (only the last may be 0), or
-        not strictly decreasing.
+      ValueError: traced, not 1-D with ≥ 2 levels, not finite and > 0 (only the last may be
+        0), or not strictly decreasing.
     """
     if isinstance(sigmas, jax.core.Tracer):
-        return sigmas
+        raise ValueError(
+            "sigmas must be concrete (numpy, or a constant closed over under jit), not a traced "
+            "jit argument: the solvers' coefficients are computed from them on the host."
+        )
     s = np.asarray(sigmas, np.float64)
     if s.ndim != 1 or s.size < 2:
         raise ValueError(f"sigmas must be a 1-D ladder of ≥ 2 levels, got shape {s.shape}.")
@@ -92,7 +96,7 @@ def euler_from_denoised(x: jax.Array, sigma, sigma_next, denoised: jax.Array) ->
 def solve(
     denoise: denoisers.Denoiser, x_init: jax.Array, sigmas: Any, method: str = "heun"
 ) -> Trajectory:
-    """Integrates the PF-ODE (1) down a σ ladder with `lax.scan`, recording both trajectories.
+    """Integrates the PF-ODE (1) down a σ ladder, recording both trajectories.
 
     Methods (each one network call per step unless noted; the step to σ = 0 is always Euler):
 
@@ -107,10 +111,16 @@ def solve(
       (σ_{i+1}/σ_i)·x_i − (e^{−h} − 1)·((1 + 1/2r)·D_i − (1/2r)·D_{i−1}), r = h_{i−1}/h;
       first-order at the first step.
 
+    Each step is linear in x_i and the denoiser outputs, so every method is a
+    `sampling.SolverPlan` (coefficients in float64 on the host) run by
+    `sampling.run_plan_denoiser` in one `lax.scan`: 'euler' and 'heun' are
+    `sampling.edm_ladder_plan`, the sampler `--mode=sample` runs as 'edm_euler'/'edm_heun'.
+
     Args:
       denoise: (x [B, ...], sigma [B]) -> D(x; σ) [B, ...].
       x_init: [B, ...] the state at σ_0 (e.g. σ_0·n, n ~ N(0, I)).
-      sigmas: [N+1] strictly decreasing ladder, e.g. `schedules.edm_sigmas(N)` (ends at 0).
+      sigmas: [N+1] strictly decreasing ladder, e.g. `schedules.edm_sigmas(N)` (ends at 0);
+        concrete (numpy or a constant under jit), since the coefficients are computed from it.
       method: one of `SOLVERS`.
 
     Returns:
@@ -118,61 +128,65 @@ def solve(
     """
     if method not in SOLVERS:
         raise ValueError(f"method {method!r} is unknown; valid methods: {', '.join(SOLVERS)}.")
-    sigmas = jnp.asarray(check_ladder(sigmas), jnp.float32)
+    ladder = check_ladder(sigmas)
+    plan, levels = _plan(np.asarray(ladder, np.float64), method)
     x_init = jnp.asarray(x_init, jnp.float32)
-    batch = x_init.shape[0]
-    num_steps = sigmas.shape[0] - 1
-
-    def call(x, sigma):
-        return denoise(x, jnp.full((batch,), sigma, jnp.float32)).astype(jnp.float32)
-
-    def body(carry, inputs):
-        x, d_prev = carry
-        i, sigma, sigma_next, sigma_prev = inputs
-        d = call(x, sigma)
-        x_euler = euler_step(x, sigma, sigma_next, d)
-        last = sigma_next <= 0
-        safe_next = jnp.where(last, 0.5 * sigma, sigma_next)  # keeps logs finite; unused when last
-        if method == "euler":
-            x_next, extra = x_euler, d
-        elif method == "heun":
-
-            def heun():
-                d2 = call(x_euler, safe_next)
-                slope = 0.5 * ((x - d) / sigma + (x_euler - d2) / safe_next)
-                return x + (sigma_next - sigma) * slope, d2
-
-            x_next, extra = jax.lax.cond(last, lambda: (x_euler, d), heun)
-        elif method == "dpm2":
-
-            def dpm2():
-                h = jnp.log(sigma) - jnp.log(safe_next)
-                sigma_mid = jnp.sqrt(sigma * safe_next)
-                eps = (x - d) / sigma
-                u = x - sigma_mid * jnp.expm1(0.5 * h) * eps
-                d2 = call(u, sigma_mid)
-                eps2 = (u - d2) / sigma_mid
-                return x - safe_next * jnp.expm1(h) * eps2, d2
-
-            x_next, extra = jax.lax.cond(last, lambda: (x_euler, d), dpm2)
-        else:  # dpmpp_2m
-            h = jnp.log(sigma) - jnp.log(safe_next)
-            h_last = jnp.log(sigma_prev) - jnp.log(sigma)
-            r = h_last / h
-            second = (1.0 + 0.5 / r) * d - (0.5 / r) * d_prev
-            d_bar = jnp.where((i > 0) & ~last, second, d)
-            x_next = (sigma_next / sigma) * x - jnp.expm1(-h) * d_bar
-            x_next = jnp.where(last, d, x_next)
-            extra = d
-        return (x_next, d), (x_next, d, extra)
-
-    idx = jnp.arange(num_steps)
-    sigma_prev = jnp.concatenate([sigmas[:1] * 2.0, sigmas[:-2]])  # index 0 is unused
-    _, (xs, ds, extras) = jax.lax.scan(
-        body, (x_init, jnp.zeros_like(x_init)), (idx, sigmas[:-1], sigmas[1:], sigma_prev)
+    xs, preds = sampling.run_plan_denoiser(plan, denoise, levels, x_init)
+    ends = np.flatnonzero(plan.rebase)  # the last row of each step
+    starts = np.concatenate([[0], ends[:-1] + 1])  # its first row, where D(x_i; σ_i) is called
+    return Trajectory(
+        sigmas=jnp.asarray(ladder),
+        samples=jnp.concatenate([x_init[None], xs[ends]], axis=0),
+        denoised=preds[starts],
+        extra_denoised=preds[ends],
     )
-    samples = jnp.concatenate([x_init[None], xs], axis=0)
-    return Trajectory(sigmas=sigmas, samples=samples, denoised=ds, extra_denoised=extras)
+
+
+def _plan(sig: np.ndarray, method: str) -> tuple[sampling.SolverPlan, np.ndarray]:
+    """`method`'s plan on the float64 ladder `sig` [N+1], and the σ of each level it names.
+
+    Level i < N+1 is sig[i]; DPM-Solver-2's log-midpoint of step i, √(σ_i σ_{i+1}), is level
+    N+1+i. Rows predict D (x0) and keep it in slot 0 (DPM-Solver-2's second call: slot 1;
+    DPM-Solver++(2M): slots alternate so D_{i−1} is kept).
+    """
+    if method in ("euler", "heun"):
+        return sampling.edm_ladder_plan(sig, method), sig
+    n = sig.size - 1
+    mids = np.sqrt(sig[:-1] * sig[1:])
+    log_sig = np.log(np.where(sig > 0, sig, 1.0))
+    rows = []  # (level, slot, base_coef, {slot: pred_coef}, rebase)
+    for i in range(n):
+        s, s_next = sig[i], sig[i + 1]
+        slot = i % 2 if method == "dpmpp_2m" else 0
+        if s_next == 0:  # Euler to 0: x = D
+            rows.append((i, slot, 0.0, {slot: 1.0}, True))
+        elif method == "dpm2":  # u: Euler to σ_s; then x_{i+1} from D(x_i) and D(u; σ_s)
+            m = mids[i]
+            rows.append((i, 0, m / s, {0: 1.0 - m / s}, False))
+            coef = {0: -(s - s_next) * (1.0 / m - 1.0 / s), 1: (s - s_next) / m}
+            rows.append((n + 1 + i, 1, s_next / s, coef, True))
+        else:  # dpmpp_2m
+            w = 1.0 - s_next / s  # −(e^{−h} − 1)
+            coef = {slot: w}
+            if i > 0:
+                r = (log_sig[i - 1] - log_sig[i]) / (log_sig[i] - log_sig[i + 1])
+                coef = {slot: w * (1.0 + 0.5 / r), 1 - slot: -w * 0.5 / r}
+            rows.append((i, slot, s_next / s, coef, True))
+    pred_coef = np.zeros((len(rows), 3))
+    for k, row in enumerate(rows):
+        for slot, c in row[3].items():
+            pred_coef[k, slot] = c
+    plan = sampling.SolverPlan(
+        timesteps=np.array([r[0] for r in rows], np.int32),
+        in_scale=np.ones(len(rows)),
+        slot=np.array([r[1] for r in rows], np.int32),
+        base_coef=np.array([r[2] for r in rows], np.float64),
+        pred_coef=pred_coef,
+        rebase=np.array([r[4] for r in rows]),
+        prediction="x0",
+        init_scale=float(sig[0]),
+    )
+    return plan, np.concatenate([sig, mids])
 
 
 def effective_denoised(traj: Trajectory, method: str) -> np.ndarray:
