@@ -7,10 +7,12 @@ batch already on the devices, so the input pipeline is not measured. One JSON li
      "tflops": ..., "mfu": ..., "gflop_per_img": ..., "peak_mem_gib": ...,
      "peak_mem_mib_per_img": ..., "compile_s": ..., ...}
 
-`gflop_per_img` is XLA's count of the compiled step (it skips conv taps on zero padding, so the
-CIFAR-10 ADM config counts 52.3 where the padded hand count is 55.6); `tflops` and `mfu` use the
-reference figure where one is known (`--gflop_per_img`), else XLA's count. MFU is against the
-device's dense peak for the dtype (known for H100/H200/A100; null elsewhere).
+`gflop_per_img` is the reference figure (55.6, the padded hand count) when the config builds
+exactly the CIFAR-10 ADM network it was counted on, a `--gflop_per_img` given, and XLA's count of
+the compiled step otherwise (`bench/flops.py`); `flop_source` says which ("reference", "flag",
+"xla"), and `xla_gflop_per_img` is always XLA's (52.3 on the reference network: it skips conv taps
+on zero padding). `tflops` and `mfu` use `gflop_per_img`. MFU is against the device's dense peak
+for the dtype (known for H100/H200/A100; null elsewhere).
 
     python bench/train_step.py --config=configs/cifar10_adm.py --batch=128 --dtype=bfloat16
     python bench/train_step.py --config=configs/digits.py --batch=64
@@ -38,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+import flops  # noqa: E402  (bench/, first on the path when run as a script)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import xla_profile  # noqa: E402  (bench/, first on the path when run as a script)
@@ -52,7 +55,9 @@ _BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: the config'
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype override.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (the median is reported).")
-_GFLOP = flags.DEFINE_float("gflop_per_img", None, "Reference GFLOP per training image.")
+_GFLOP = flags.DEFINE_float(
+    "gflop_per_img", None, "GFLOP per training image to use instead of bench/flops.py's."
+)
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny config, 2 steps, 1 repeat.")
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir",
@@ -70,8 +75,6 @@ PEAKS = {
     ("A100", "bfloat16"): 312.0,
     ("A100", "float32"): 156.0,
 }
-# The paper's CIFAR-10 ADM config: 55.6 GFLOP per image, forward + backward (padded count).
-REFERENCE_GFLOP = {"cifar10_adm": 55.6, "cifar10_adm_bs": 55.6}
 
 
 def main(argv):
@@ -113,7 +116,9 @@ def main(argv):
 
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", device.platform)
-    gflop = _GFLOP.value or REFERENCE_GFLOP.get(name) or xla_gflop
+    gflop, flop_source = flops.gflop_per_img(config, xla_gflop)
+    if _GFLOP.value:
+        gflop, flop_source = _GFLOP.value, "flag"
     img_per_s = b / step_s
     tflops = img_per_s * gflop / 1e3 if gflop else None
     peak = next((v for (k, d), v in PEAKS.items() if k in kind and d == config.model.dtype), None)
@@ -135,6 +140,7 @@ def main(argv):
         "img_per_s": round(img_per_s, 2),
         "step_ms": round(step_s * 1e3, 3),
         "gflop_per_img": round(gflop, 3) if gflop else None,
+        "flop_source": flop_source,
         "xla_gflop_per_img": round(xla_gflop, 3) if xla_gflop else None,
         "tflops": round(tflops, 3) if tflops else None,
         "mfu": round(tflops / peak, 4) if (tflops and peak) else None,
