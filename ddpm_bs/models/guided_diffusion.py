@@ -28,7 +28,6 @@ training checkpoint, which `--mode=sample` samples from and `--mode=train` fine-
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 from collections.abc import Mapping
@@ -419,11 +418,21 @@ def write_checkpoint(config: Any, workdir: str, params: Any) -> int:
     fine-tunes them (a fresh optimizer). Returns the step written (0).
 
     Raises:
-      ValueError: the workdir already holds a checkpoint (nothing is overwritten).
+      ValueError: `params` do not fit the config's model (the first differing array named),
+        or the workdir already holds a checkpoint (nothing is overwritten).
     """
     from ddpm_bs import checkpointing, train
 
     trainer = train.Trainer(config)
+    want = {k: tuple(v.shape) for k, v in _flat(trainer.abstract_state.params).items()}
+    got = {k: tuple(np.shape(v)) for k, v in _flat(params).items()}
+    if want != got:
+        diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+        raise ValueError(
+            f"the converted params do not fit the config's model: {diff[0]} is "
+            f"{got.get(diff[0], 'absent')} in the params and {want.get(diff[0], 'absent')} in "
+            "the model; set the config from config_overrides_from_flags(flags)"
+        )
     ckpt = checkpointing.Checkpoints(workdir, asynchronous=False)
     try:
         if ckpt.latest_step() is not None:
@@ -474,20 +483,24 @@ def main(argv: list[str] | None = None) -> None:
 def _flag_value(value: Any) -> str:
     if isinstance(value, tuple):
         return "'(" + ",".join(str(v) for v in value) + ",)'"
-    return json.dumps(value) if isinstance(value, str) else str(value)
+    return str(value)
 
 
-def _load_config(path: str) -> Any:
+def _load_config(spec: str) -> Any:
+    """`configs/x.py` or `configs/x.py:arg` (as ddpm-bs's --config) -> its get_config()."""
     import importlib.util
     import sys
 
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config={spec}: {path} does not exist")
     root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     if root not in sys.path:
         sys.path.insert(0, root)  # config files import their siblings as configs.x
-    spec = importlib.util.spec_from_file_location("_guided_diffusion_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    module_spec = importlib.util.spec_from_file_location("_guided_diffusion_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 if __name__ == "__main__":
