@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_bs import schedules
+from ddpm_bs import sampling, schedules
 from ddpm_bs.geometry import denoisers, trajectories
 
 
@@ -136,23 +136,17 @@ def step_costs(
     ex_shape = samples.shape[2:]
 
     @jax.jit
-    def errors(x, sigma, sigma_next, target):
-        # x: [B, ...]; sigma: []; sigma_next: [W]; target: [W, B, ...] -> [W, B]
+    def errors(x, sigma, sigma_next, coef, target):
+        # x: [B, ...]; sigma: []; sigma_next: [W]; coef: [W, 5]; target: [W, B, ...] -> [W, B]
         w = sigma_next.shape[0]
         d = denoise(x, jnp.full((batch,), sigma, jnp.float32)).astype(jnp.float32)
-        bshape = (w,) + (1,) * (x.ndim)
-        sn = sigma_next.reshape(bshape)
-        x_euler = x[None] + (sn - sigma) * (x - d)[None] / sigma  # [W, B, ...]
-        if solver == "euler":
-            x_next = x_euler
-        else:
-            last = sn <= 0
-            safe = jnp.where(last, sigma, sn)
+        c = [coef[:, k].reshape((w,) + (1,) * x.ndim) for k in range(5)]
+        x_next = x_euler = c[0] * x[None] + c[1] * d[None]  # [W, B, ...]
+        if solver == "heun":
+            safe = jnp.where(sigma_next > 0, sigma_next, sigma)  # σ' = 0: no second call used
             flat = x_euler.reshape((w * batch, *ex_shape))
-            d2 = denoise(flat, jnp.repeat(safe.reshape(w), batch)).astype(jnp.float32)
-            d2 = d2.reshape(x_euler.shape)
-            slope = 0.5 * ((x - d)[None] / sigma + (x_euler - d2) / safe)
-            x_next = jnp.where(last, x_euler, x[None] + (sn - sigma) * slope)
+            d2 = denoise(flat, jnp.repeat(safe, batch)).astype(jnp.float32)
+            x_next = c[2] * x[None] + c[3] * d[None] + c[4] * d2.reshape(x_euler.shape)
         diff = (x_next - target).reshape(w, batch, -1)
         return jnp.sqrt(jnp.sum(jnp.square(diff), axis=-1))
 
@@ -162,11 +156,27 @@ def step_costs(
         js = np.arange(i + 1, min(i + width, m - 1) + 1)
         pad = max(8, 1 << int(np.ceil(np.log2(js.size))))
         js_pad = np.concatenate([js, np.full(pad - js.size, js[-1])])
+        coef = _step_coefficients(float(cand32[i]), cand32[js_pad], solver)
         err = errors(
-            samples[idx[i]], float(cand32[i]), cand32[js_pad], samples[idx[js_pad]]
+            samples[idx[i]], float(cand32[i]), cand32[js_pad], coef, samples[idx[js_pad]]
         )  # [pad, B]
         cost[i, js] = np.asarray(err, np.float64)[: js.size].mean(axis=1)
     return StepCosts(sigmas=cand.astype(np.float32), teacher_index=idx, cost=cost, solver=solver)
+
+
+def _step_coefficients(sigma: float, sigma_next: np.ndarray, solver: str) -> np.ndarray:
+    """[W, 5] float32: the `sampling.edm_ladder_plan` step σ → σ'_w, one row per target.
+
+    Columns: the first row's (base, D) coefficients, x̃ = c0·x + c1·D (Euler), then the last
+    row's (base, D, D̃) ones, x' = c2·x + c3·D + c4·D(x̃; σ') (Heun; the Euler row again, with
+    c4 = 0, for Euler and for a step to σ' = 0).
+    """
+    rows = []
+    for s in np.asarray(sigma_next, np.float64):
+        plan = sampling.edm_ladder_plan(np.array([sigma, s]), solver)
+        first, last = (plan.base_coef[0], *plan.pred_coef[0, :1]), plan.pred_coef[-1, :2]
+        rows.append([*first, plan.base_coef[-1], *last])
+    return np.asarray(rows, np.float32)
 
 
 def dp_path(
