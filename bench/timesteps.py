@@ -1,8 +1,10 @@
 """Timestep-sampler throughput: draws per second for one jitted call of shape (n,).
 
 Every sampler of `ddpm_bs.timesteps` at T = 1000 (bernoulli with the paper's t_δ/T = 0.8,
-p = 0.8), plus two references written the obvious way: `jax.random.randint` and a literal
-Algorithm 1 (a uniform for the branch and one `randint` per branch, selected). Each figure is
+p = 0.8; the OT laws with K = 0.61, cosine), plus references written the obvious way:
+`jax.random.randint`, Algorithm 1 with three draws (a uniform for the branch and one `randint`
+per branch, selected), `jax.random.choice` on the pmf, and `jax.random.categorical` on its
+logits (Gumbel-max, O(n·T): only for n ≤ 10⁵). Each figure is
 the median of `--repeats` timed calls after a warm-up (compile) call, with the samplers
 interleaved within each repeat so that machine load hits them alike. One JSON line per
 sampler:
@@ -11,9 +13,10 @@ sampler:
      "ratio_to_uniform": ..., "seconds": ..., "repeats": ..., "device": ..., "jax": ...}
 
 `ratio_to_uniform` is the sampler's time per call over `uniform`'s (a cost ratio: 1.2 means
-20% slower). Usage:
+20% slower); `seconds_quartiles` is the spread of the timed calls. Usage:
 
     python bench/timesteps.py            # n = 10⁷, 7 repeats
+    python bench/timesteps.py --n=128 --repeats=200   # a train step's batch
     python bench/timesteps.py --smoke    # n = 10⁴, 1 repeat (what the test runs)
 """
 
@@ -36,6 +39,8 @@ from ddpm_bs import timesteps  # noqa: E402
 
 NUM_TIMESTEPS = 1000
 T_DELTA, P = 800, 0.8
+DECAY_RATE = 0.61  # K fitted on digits 0 vs 1, cosine (experiments/REPORT.md)
+MAX_CATEGORICAL = 100_000  # jax.random.categorical draws T Gumbels per sample
 
 
 def _cases(n: int) -> dict[str, Callable[[jax.Array], jax.Array]]:
@@ -48,6 +53,8 @@ def _cases(n: int) -> dict[str, Callable[[jax.Array], jax.Array]]:
         "beta": timesteps.beta(NUM_TIMESTEPS, 2.0, 2.0),
         "lognormal": timesteps.lognormal(NUM_TIMESTEPS),
         "logit_normal": timesteps.logit_normal(NUM_TIMESTEPS),
+        "ot_gap": timesteps.ot_gap(NUM_TIMESTEPS, DECAY_RATE),
+        "ot_rate": timesteps.ot_rate(NUM_TIMESTEPS, DECAY_RATE),
     }
     cases = {
         name: jax.jit(lambda key, s=sampler: s(key, shape)) for name, sampler in samplers.items()
@@ -69,9 +76,28 @@ def _cases(n: int) -> dict[str, Callable[[jax.Array], jax.Array]]:
         high = jax.random.randint(k_high, shape, T_DELTA - 1, NUM_TIMESTEPS, dtype=jnp.int32)
         return jnp.where(first, low, high)
 
+    probs = samplers["lognormal"].probs
+
+    def choice(key):
+        return jax.random.choice(key, NUM_TIMESTEPS, shape, p=jnp.asarray(probs, jnp.float32))
+
     cases["reference_jax_random_randint"] = jax.jit(randint)
     cases["reference_algorithm_1_literal"] = jax.jit(algorithm_1_literal)
+    cases["reference_jax_random_choice"] = jax.jit(choice)
+    if n <= MAX_CATEGORICAL:
+        logits = jnp.log(jnp.asarray(probs, jnp.float32))
+        cases["reference_jax_random_categorical"] = jax.jit(
+            lambda key: jax.random.categorical(key, logits, shape=shape)
+        )
     return cases
+
+
+def _quartiles(times: list[float]) -> tuple[float, float]:
+    """The 25th and 75th percentiles of `times` (both the one value for a single repeat)."""
+    if len(times) < 2:
+        return times[0], times[0]
+    quartiles = statistics.quantiles(times, n=4)
+    return quartiles[0], quartiles[2]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,7 +108,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     n, repeats = (10_000, 1) if args.smoke else (args.n, args.repeats)
 
-    jax.config.update("jax_threefry_partitionable", True)  # as in training
     cases = _cases(n)
     keys = [jax.random.key(i) for i in range(repeats + 1)]
     for draw in cases.values():  # compile and warm up
@@ -105,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             "draws_per_s": round(n / median),
             "ratio_to_uniform": round(median / uniform_s, 3),
             "seconds": round(median, 6),
+            "seconds_quartiles": [round(q, 6) for q in _quartiles(times)],
             "repeats": repeats,
             "device": device.platform,
             "device_kind": device.device_kind,
