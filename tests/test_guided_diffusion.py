@@ -88,11 +88,23 @@ def test_bad_flags_are_named():
         guided_diffusion.parse_flags("--num_chanels 128")
     with pytest.raises(ValueError, match="--learn_sigma"):
         guided_diffusion.parse_flags("--learn_sigma maybe")
-    # improved-diffusion's CIFAR-10 model sees t·1000/4000: not what ddpm_bs feeds it.
-    with pytest.raises(ValueError, match="rescale_timesteps"):
-        guided_diffusion.config_overrides_from_flags(
-            "--image_size 32 --diffusion_steps 4000 --rescale_timesteps True"
-        )
+    # improved-diffusion's CIFAR-10 model (README flags; rescale_timesteps is its default)
+    # sees t·1000/4000: not what ddpm_bs feeds it.
+    cifar10 = (
+        "--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 "
+        "--diffusion_steps 4000 --noise_schedule cosine"
+    )
+    with pytest.raises(ValueError, match="rescale_timesteps True --diffusion_steps 4000"):
+        guided_diffusion.config_overrides_from_flags(cifar10, improved_diffusion=True)
+    # Its class-conditional ImageNet-64 model was trained on t itself.
+    imagenet64 = (
+        "--image_size 64 --num_channels 192 --num_res_blocks 3 --learn_sigma True "
+        "--class_cond True --diffusion_steps 4000 --noise_schedule cosine "
+        "--rescale_learned_sigmas False --rescale_timesteps False"
+    )
+    overrides = guided_diffusion.config_overrides_from_flags(imagenet64, improved_diffusion=True)
+    assert overrides["diffusion.num_timesteps"] == 4000
+    assert overrides["model.channel_mult"] == (1, 2, 3, 4)
 
 
 def test_mismatched_checkpoints_are_named():

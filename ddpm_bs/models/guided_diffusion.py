@@ -65,6 +65,14 @@ GUIDED_DIFFUSION_DEFAULTS = {
     "rescale_timesteps": False,
     "rescale_learned_sigmas": False,
 }
+# improved-diffusion's: rescale_timesteps and rescale_learned_sigmas on (its models then see
+# t·1000/diffusion_steps), and sigma_small (the fixed variance when σ is not learned).
+IMPROVED_DIFFUSION_DEFAULTS = {
+    **GUIDED_DIFFUSION_DEFAULTS,
+    "rescale_timesteps": True,
+    "rescale_learned_sigmas": True,
+    "sigma_small": False,
+}
 NUM_CLASSES = 1000  # script_util.NUM_CLASSES: class_cond models are ImageNet's.
 
 # Torch submodule -> (our submodule, layer kind), per block type.
@@ -278,9 +286,12 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 # --- Flags ------------------------------------------------------------------------------------
 
 
-def parse_flags(flags: str | Mapping[str, Any]) -> dict[str, Any]:
+def parse_flags(
+    flags: str | Mapping[str, Any], *, improved_diffusion: bool = False
+) -> dict[str, Any]:
     """guided-diffusion's model flags ("--image_size 64 --class_cond True …" or a dict),
-    completed with its defaults and typed as its argparse types them.
+    completed with its defaults (improved-diffusion's with `improved_diffusion`) and typed as
+    its argparse types them.
 
     Raises:
       ValueError: an unknown flag (a typo would otherwise be ignored) or a bad value.
@@ -299,14 +310,15 @@ def parse_flags(flags: str | Mapping[str, Any]) -> dict[str, Any]:
             given[name.removeprefix("--")] = value
     else:
         given = dict(flags)
-    out = dict(GUIDED_DIFFUSION_DEFAULTS)
+    defaults = IMPROVED_DIFFUSION_DEFAULTS if improved_diffusion else GUIDED_DIFFUSION_DEFAULTS
+    out = dict(defaults)
     for name, value in given.items():
-        if name not in GUIDED_DIFFUSION_DEFAULTS:
+        if name not in defaults:
             raise ValueError(
                 f"guided-diffusion flag --{name} is not a model or diffusion flag; known: "
-                f"{', '.join(sorted(GUIDED_DIFFUSION_DEFAULTS))}"
+                f"{', '.join(sorted(defaults))}"
             )
-        default = GUIDED_DIFFUSION_DEFAULTS[name]
+        default = defaults[name]
         if isinstance(default, bool) and isinstance(value, str):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no", "t", "f", "y", "n"):
                 raise ValueError(f"guided-diffusion flag --{name}={value!r} is not a boolean")
@@ -315,13 +327,15 @@ def parse_flags(flags: str | Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def unet_kwargs_from_flags(flags: str | Mapping[str, Any]) -> dict[str, Any]:
+def unet_kwargs_from_flags(
+    flags: str | Mapping[str, Any], *, improved_diffusion: bool = False
+) -> dict[str, Any]:
     """`unet.UNet` keyword arguments for the model guided-diffusion's `create_model` builds.
 
     `attention_resolutions` stay in pixels (our convention and the flag's); an empty
     `channel_mult` takes the per-resolution default (also improved-diffusion's 32x32 one).
     """
-    f = parse_flags(flags)
+    f = parse_flags(flags, improved_diffusion=improved_diffusion)
     mult = f["channel_mult"]
     return dict(
         image_size=f["image_size"],
@@ -347,7 +361,9 @@ def unet_kwargs_from_flags(flags: str | Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def config_overrides_from_flags(flags: str | Mapping[str, Any]) -> dict[str, Any]:
+def config_overrides_from_flags(
+    flags: str | Mapping[str, Any], *, improved_diffusion: bool = False
+) -> dict[str, Any]:
     """`--config.<field>` values (dotted field -> value) that describe the flags' model.
 
     Raises:
@@ -356,8 +372,8 @@ def config_overrides_from_flags(flags: str | Mapping[str, Any]) -> dict[str, Any
         diffusion_steps ≠ 1000, improved-diffusion's default) — the network would see other
         inputs than it was trained on.
     """
-    f = parse_flags(flags)
-    k = unet_kwargs_from_flags(f)
+    f = parse_flags(flags, improved_diffusion=improved_diffusion)
+    k = unet_kwargs_from_flags(f, improved_diffusion=improved_diffusion)
     if f["use_new_attention_order"]:
         raise ValueError(
             "guided-diffusion flag --use_new_attention_order True has no config field yet; "
@@ -460,16 +476,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="write the params here as .npz")
     parser.add_argument("--config", help="ddpm_bs config file for --workdir (configs/*.py)")
     parser.add_argument("--workdir", help="write a step-0 checkpoint here")
+    parser.add_argument(
+        "--improved_diffusion",
+        action="store_true",
+        help="the flags use improved-diffusion's defaults",
+    )
     args = parser.parse_args(argv)
     if bool(args.config) != bool(args.workdir) or not (args.out or args.workdir):
         parser.error("pass --out, or --config with --workdir")
-    model = unet.UNet(**unet_kwargs_from_flags(args.flags))
+    model = unet.UNet(
+        **unet_kwargs_from_flags(args.flags, improved_diffusion=args.improved_diffusion)
+    )
     params = convert_state_dict(load_state_dict(args.pt), model)
     if args.out:
         save_params(params, args.out)
         print(f"Wrote {args.out} ({unet.parameter_count(params) / 1e6:.2f} M parameters)")
     if args.workdir:
-        overrides = config_overrides_from_flags(args.flags)
+        overrides = config_overrides_from_flags(
+            args.flags, improved_diffusion=args.improved_diffusion
+        )
         config = _load_config(args.config)
         for field, value in overrides.items():
             section, name = field.split(".")
