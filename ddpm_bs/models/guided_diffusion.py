@@ -14,9 +14,10 @@ checkpoint converts by renaming and re-laying out each tensor:
 The qkv channel order (legacy: head-major; new: q/k/v-major) is the same in both frameworks
 (see `layers.AttentionBlock`), so qkv needs no permutation; the checkpoint does not record
 which order it was trained with, so `use_new_attention_order` must be set from its flags.
-Nor does it record the heads, the scale-shift norm's use (the weights' shapes do) or the
-timestep scaling: take the model's flags from the README of the repository that released it
-and pass them through `unet_kwargs_from_flags` (`config_overrides_from_flags` for a config).
+Nor does it record the number of heads or the timestep scaling (widths, depth, conditioning
+and scale-shift norm show in the shapes, which are checked): take the model's flags from the
+README of the repository that released it and pass them through `unet_kwargs_from_flags`
+(`config_overrides_from_flags` for a config).
 
     python -m ddpm_bs.models.guided_diffusion --pt=64x64_diffusion.pt \
         --flags="--attention_resolutions 32,16,8 --class_cond True ..." --out=adm64.npz
@@ -33,8 +34,10 @@ import shlex
 from collections.abc import Mapping
 from typing import Any
 
+import flax
 import jax
 import numpy as np
+from flax import traverse_util
 
 from ddpm_bs.models import unet
 
@@ -169,21 +172,8 @@ def _relayout(value: np.ndarray, layout: Any) -> np.ndarray:
 
 
 def _flat(tree: Any) -> dict[str, Any]:
-    return {
-        "/".join(k.key for k in path): leaf
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
+    """{'a/b/kernel': leaf} for a nested params dict (FrozenDict or dict)."""
+    return traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
 
 
 def _listing(keys: list[str], limit: int = 6) -> str:
@@ -244,7 +234,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: unet.UNet) -> dict[
                 "that size it (num_channels, channel_mult, num_head_channels, learn_sigma)."
             )
         flat[ours] = value.astype(want.dtype)
-    return _unflatten(flat)
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _key_order(key: str) -> tuple:
@@ -256,16 +246,18 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """A guided-diffusion checkpoint's tensors as float32 numpy arrays by state_dict key.
 
     `.pt`: read with torch (`weights_only=True`: tensors only, no code runs); needs the
-    `torch` package. `.npz`: arrays by state_dict key (a `param/` prefix is dropped).
+    `torch` package. `.npz`: arrays by state_dict key; when some keys start with `param/`
+    (as in the test fixtures), only those, without the prefix.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"guided-diffusion checkpoint {path!r} does not exist.")
     if path.endswith(".npz"):
         with np.load(path) as f:
+            prefixed = any(k.startswith("param/") for k in f.files)
             return {
                 k.removeprefix("param/"): f[k].astype(np.float32)
                 for k in f.files
-                if "." in k and (k.startswith("param/") or "/" not in k)
+                if k.startswith("param/") or not prefixed
             }
     try:
         import torch
@@ -425,7 +417,7 @@ def save_params(params: Any, path: str) -> None:
 def load_params(path: str) -> dict[str, Any]:
     """The params tree `save_params` wrote."""
     with np.load(path) as f:
-        return _unflatten({k: f[k] for k in f.files})
+        return traverse_util.unflatten_dict({k: f[k] for k in f.files}, sep="/")
 
 
 def write_checkpoint(config: Any, workdir: str, params: Any) -> int:
