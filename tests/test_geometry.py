@@ -7,6 +7,7 @@ solution), DDIM's update written out in float64. The findings are measured on sc
 
 import importlib
 import json
+import logging
 import os
 
 import jax
@@ -395,7 +396,8 @@ def test_denoiser_settles_at_reads_the_convergence(digits_trajectories):
 # --- The job and input checks ------------------------------------------------------------------
 
 
-def test_run_geometry_writes_summary_and_plots(tmp_path, monkeypatch):
+def test_run_geometry_writes_summary_and_plots(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
     config = importlib.import_module("configs.digits").get_config()
     stub = {"optimal": {"rmse": {}}}
     monkeypatch.setattr(
@@ -420,6 +422,29 @@ def test_run_geometry_writes_summary_and_plots(tmp_path, monkeypatch):
     assert len(opt["sigmas"]) == 7
     assert set(opt["finite_differences"]) == set(geometry.SOLVERS)
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    lines = [r.getMessage() for r in caplog.records if r.name == "absl"]
+    assert "geometry trajectories: started, 16 traj to do." in lines  # 4 solvers × 4
+    assert any(m.startswith("geometry trajectories: done, 16/16 traj (100.0%)") for m in lines)
+
+
+def test_run_geometry_measures_a_model_on_its_own_timestep_grid(tmp_path, conv_denoiser):
+    from ddpm_bs import state
+
+    config = importlib.import_module("configs.digits").get_config()
+    x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
+    params = state.build_model(config).init(jax.random.key(0), x, t, None, train=False)["params"]
+    summary = geometry.run_geometry(
+        config, str(tmp_path), params=params, num_trajectories=2, num_steps=5, solvers=("heun",)
+    )
+    schedule = schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    model = summary["model"]
+    np.testing.assert_array_equal(
+        model["sigmas"], geometry.snap_sigmas(schedules.edm_sigmas(5), schedule)
+    )
+    assert model["checkpoint_step"] is None  # the params given, not a checkpoint's
+    assert model["finite_differences"]["heun"]["max_rel_error"] < 1e-5
+    settles = model["denoiser_settles_at"]
+    assert settles["sigma"] is None or settles["sigma"] in model["sigmas"]
 
 
 def test_compare_schedules_on_the_optimal_denoiser(tmp_path):

@@ -3,6 +3,7 @@ the estimators' behaviour along the forward process, the K fit, t_δ, mode=locat
 
 import importlib
 import json
+import logging
 import math
 
 import jax
@@ -256,6 +257,34 @@ def test_run_locate_writes_json_and_png_and_load_t_delta_reads_it(tmp_path):
     png = (tmp_path / "locate" / "interval.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "locate").glob("*.tmp"))
+
+
+def test_load_result_reads_a_workdir_or_a_file_and_names_a_bad_one(tmp_path):
+    assert interval.load_result(str(tmp_path)) is None  # nothing located yet
+    written = {"t_delta": 801, "fraction": 0.801, "curve": {"ratio": [1.0, 0.05]}}
+    (tmp_path / "interval.json").write_text(json.dumps(written))
+    assert interval.load_result(str(tmp_path)) == written
+    assert interval.load_result(tmp_path / "interval.json") == written  # the file itself
+    assert interval.load_t_delta(str(tmp_path)) == 801
+    for bad in ('{"fraction": 0.8}', '{"t_delta": 0}', '{"t_delta": true}', "[801]"):
+        (tmp_path / "interval.json").write_text(bad)
+        with pytest.raises(ValueError, match=r"interval\.json is not a readable interval\.json"):
+            interval.load_result(str(tmp_path))
+
+
+def test_w2_curve_reports_progress_per_timestep(clouds, caplog):
+    a, b = clouds
+    caplog.set_level(logging.INFO)
+    kwargs = dict(schedule="linear", num_timesteps=T, timesteps=[0, 200, 400, 600, 999])
+    interval.w2_curve(
+        a, b, key=jax.random.key(0), num_seeds=2, chunk_size=2, progress=True, **kwargs
+    )
+    lines = [r.getMessage() for r in caplog.records if r.name == "absl"]
+    assert lines[0] == "W2 curve: started, 10 t to do."  # 2 seeds × 5 timesteps
+    assert lines[-1].startswith("W2 curve: done, 10/10 t (100.0%) in "), lines
+    caplog.clear()
+    interval.w2_curve(a, b, key=jax.random.key(0), num_seeds=1, progress=False, **kwargs)
+    assert not [r for r in caplog.records if "W2 curve" in r.getMessage()]
 
 
 def test_perturbed_set_is_a_clipped_noisy_copy_of_set_a():

@@ -21,6 +21,7 @@ from etils import epath
 
 from ddpm_bs import artifacts, schedules
 from ddpm_bs import data as data_lib
+from ddpm_bs import progress as progress_lib
 from ddpm_bs.geometry import denoisers as denoisers_lib
 from ddpm_bs.geometry import ladders as ladders_lib
 from ddpm_bs.geometry import measures, trajectories
@@ -142,56 +143,61 @@ def compare_schedules(
         "fid_available": fid is not None,
         "objective": "summed local truncation error of single steps from teacher states",
     }
-    for name, denoise in denoise_fns.items():
-        run = _compiled_solve(denoise)
-        teacher_fit = jax.device_get(run(x_fit, teacher_sigmas, method="heun"))
-        teacher_eval = np.asarray(run(x_eval, teacher_sigmas, method="heun").samples[-1])
-        costs = ladders_lib.step_costs(
-            teacher_fit,
-            denoise=denoise,
-            solver=solver,
-            num_candidates=num_candidates,
-            window=window,
-        )
-        ladders = dict(ladders_by_k)
-        ladders["dp"] = {k: costs.sigmas[ladders_lib.dp_path(costs, k)[0]] for k in set(steps)}
-        ladders["dp_sigma_min"] = {
-            k: costs.sigmas[ladders_lib.dp_path(costs, k, through_sigma_min=True)[0]]
-            for k in set(steps)
-        }
-        out: dict[str, Any] = {"ladders": {}, "rmse": {}, "fit_cost": {}}
-        if fid is not None:
-            out["fid"] = {}
-        for sched, by_k in ladders.items():
-            out["ladders"][sched] = [np.asarray(by_k[k], np.float64).tolist() for k in steps]
-            out["fit_cost"][sched] = [
-                ladders_lib.path_cost(costs, ladders_lib.snap_to_candidates(by_k[k], costs))
-                for k in steps
-            ]
-            rmse, fids = [], []
-            for k in steps:
-                lad = np.asarray(by_k[k], np.float32)
-                final = np.asarray(run(x_eval, lad, method=solver).samples[-1])
-                rmse.append(float(np.sqrt(np.mean(np.square(final - teacher_eval)))))
-                if fid is not None:
-                    imgs = np.asarray(run(x_fid, lad, method=solver).samples[-1])
-                    finite = np.all(np.isfinite(imgs))  # a diverged ladder gets no FID
-                    fids.append(float(fid(np.clip(imgs, -1, 1))) if finite else float("nan"))
-            out["rmse"][sched] = rmse
+    num_ladders = len(denoise_fns) * (len(ladders_by_k) + 2) * len(steps)  # + the two DP ones
+    with progress_lib.Progress("schedule comparison", total=num_ladders, unit="ladder") as bar:
+        for name, denoise in denoise_fns.items():
+            run = _compiled_solve(denoise)
+            teacher_fit = jax.device_get(run(x_fit, teacher_sigmas, method="heun"))
+            teacher_eval = np.asarray(run(x_eval, teacher_sigmas, method="heun").samples[-1])
+            costs = ladders_lib.step_costs(
+                teacher_fit,
+                denoise=denoise,
+                solver=solver,
+                num_candidates=num_candidates,
+                window=window,
+            )
+            ladders = dict(ladders_by_k)
+            ladders["dp"] = {k: costs.sigmas[ladders_lib.dp_path(costs, k)[0]] for k in set(steps)}
+            ladders["dp_sigma_min"] = {
+                k: costs.sigmas[ladders_lib.dp_path(costs, k, through_sigma_min=True)[0]]
+                for k in set(steps)
+            }
+            out: dict[str, Any] = {"ladders": {}, "rmse": {}, "fit_cost": {}}
             if fid is not None:
-                out["fid"][sched] = fids
-        if fid is not None:
-            out["fid_teacher"] = float(
-                fid(
-                    np.clip(
-                        np.asarray(run(x_fid, teacher_sigmas, method="heun").samples[-1]), -1, 1
+                out["fid"] = {}
+            for sched, by_k in ladders.items():
+                out["ladders"][sched] = [np.asarray(by_k[k], np.float64).tolist() for k in steps]
+                out["fit_cost"][sched] = [
+                    ladders_lib.path_cost(costs, ladders_lib.snap_to_candidates(by_k[k], costs))
+                    for k in steps
+                ]
+                rmse, fids = [], []
+                for k in steps:
+                    lad = np.asarray(by_k[k], np.float32)
+                    final = np.asarray(run(x_eval, lad, method=solver).samples[-1])
+                    rmse.append(float(np.sqrt(np.mean(np.square(final - teacher_eval)))))
+                    if fid is not None:
+                        imgs = np.asarray(run(x_fid, lad, method=solver).samples[-1])
+                        finite = np.all(np.isfinite(imgs))  # a diverged ladder gets no FID
+                        fids.append(float(fid(np.clip(imgs, -1, 1))) if finite else float("nan"))
+                    bar.update(1)
+                out["rmse"][sched] = rmse
+                if fid is not None:
+                    out["fid"][sched] = fids
+            if fid is not None:
+                out["fid_teacher"] = float(
+                    fid(
+                        np.clip(
+                            np.asarray(run(x_fid, teacher_sigmas, method="heun").samples[-1]), -1, 1
+                        )
                     )
                 )
-            )
-        if name == "model":
-            out["denoiser_settles_at"] = measures.denoiser_settles_at(teacher_fit, 0.01, schedule)
-        result[name] = out
-        logging.info("Schedules for %s: %s", name, out["rmse"])
+            if name == "model":
+                out["denoiser_settles_at"] = measures.denoiser_settles_at(
+                    teacher_fit, 0.01, schedule
+                )
+            result[name] = out
+            logging.info("Schedules for %s: %s", name, out["rmse"])
     if plot and jax.process_index() == 0:
         out_dir = epath.Path(workdir) / OUT_DIR
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from ddpm_bs import diffusion, schedules
+from ddpm_bs import checkpointing, diffusion, schedules, state
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]  # (x [B, ...], sigma [B]) -> D [B, ...]
 
@@ -239,9 +239,7 @@ def model_denoiser(config: Any, params: Any, labels: jax.Array | None = None) ->
       params: the network's parameters (e.g. `model_params`' EMA params).
       labels: [B] int32 class labels for a class-conditional model, else None.
     """
-    from ddpm_bs import train  # lazily: only the model-based measurements need the builder
-
-    model = train.build_model(config)
+    model = state.build_model(config)
     schedule = schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
 
     def model_fn(x_vp, t):
@@ -260,13 +258,11 @@ def model_params(config: Any, workdir: str, params: Any = None) -> tuple[Any, in
         return params, None
     if not (epath.Path(workdir) / "checkpoints").is_dir():
         return None, None
-    from ddpm_bs import checkpointing, train  # lazily: restoring needs the TrainState layout
-
     ckpt = checkpointing.Checkpoints(workdir, asynchronous=False)
     try:
         if ckpt.latest_step() is None:
             return None, None
-        state, _ = ckpt.restore(train.Trainer(config).abstract_state)
+        restored, _ = ckpt.restore(state.abstract_state_of(config, workdir))
     finally:
         ckpt.close()
-    return state.ema_params[0], int(state.step)
+    return restored.ema_params[0], int(restored.step)

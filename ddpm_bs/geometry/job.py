@@ -22,6 +22,7 @@ from etils import epath
 
 from ddpm_bs import artifacts, schedules
 from ddpm_bs import data as data_lib
+from ddpm_bs import progress as progress_lib
 from ddpm_bs.geometry import comparison, denoisers, measures, trajectories
 
 _GEOMETRY_STREAM = 0x6E0  # fold_in constant: the geometry noise is its own stream of config.seed
@@ -106,9 +107,7 @@ def run_geometry(
         denoise = functools.partial(denoisers.optimal_denoiser, data=data, chunk_size=chunk_size)
         return trajectories.solve(denoise, x_init, sigmas, method)
 
-    optimal_traj = {m: optimal_solve(noise * float(sigmas[0]), data_dev, method=m) for m in solvers}
-    results = {"optimal": _analyse(optimal_traj, images)}
-
+    runs = {"optimal": lambda m: optimal_solve(noise * float(sigmas[0]), data_dev, method=m)}
     model_params, checkpoint_step = denoisers.model_params(config, workdir, params)
     if model_params is not None:
         schedule = schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
@@ -123,16 +122,24 @@ def run_geometry(
             denoise = denoisers.model_denoiser(config, params, labels)
             return trajectories.solve(denoise, x_init, model_sigmas, method)
 
-        model_traj = {
-            m: model_solve(model_params, noise * float(model_sigmas[0]), method=m) for m in solvers
-        }
-        results["model"] = _analyse(model_traj, images)
+        x_model = noise * float(model_sigmas[0])
+        runs["model"] = lambda m: model_solve(model_params, x_model, method=m)
+
+    solved: dict[str, dict[str, trajectories.Trajectory]] = {name: {} for name in runs}
+    total = len(runs) * len(solvers) * num_trajectories
+    with progress_lib.Progress("geometry trajectories", total=total, unit="traj") as bar:
+        for name, run in runs.items():
+            for m in solvers:
+                solved[name][m] = jax.block_until_ready(run(m))
+                bar.update(num_trajectories)
+    results = {name: _analyse(by_method, images) for name, by_method in solved.items()}
+    if model_params is not None:
         results["model"]["checkpoint_step"] = checkpoint_step
         results["model"]["sigma_grid"] = (
             "ladder snapped to the model's timesteps, duplicates merged"
         )
         results["model"]["denoiser_settles_at"] = measures.denoiser_settles_at(
-            jax.device_get(model_traj["heun"]), 0.01, schedule
+            jax.device_get(solved["model"]["heun"]), 0.01, schedule
         )
 
     if schedules_comparison:
@@ -145,10 +152,7 @@ def run_geometry(
     summary.update(results)
     if jax.process_index() == 0:  # every process computes the same numbers; one writes them
         artifacts.write_json(summary, os.fspath(out_dir / "summary.json"))
-        heun = {"optimal": optimal_traj["heun"]}
-        if model_params is not None:
-            heun["model"] = model_traj["heun"]
-        _plot_all(heun, out_dir)
+        _plot_all({name: by_method["heun"] for name, by_method in solved.items()}, out_dir)
         logging.info("Wrote the geometry summary and plots to %s", out_dir)
     return summary
 
