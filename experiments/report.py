@@ -323,7 +323,7 @@ def _split_name(name: str) -> tuple[str, str, int]:
 
 def _grouped(names_and_records, order=()) -> dict[str, dict[str, dict[int, Any]]]:
     """schedule → label → seed → item, from (run name, item) pairs; schedules and seeds
-    sorted, labels in `order` (the plan's) first."""
+    sorted, labels in `order` (the plan's), then any others as they come."""
     groups: dict[str, dict[str, dict[int, Any]]] = {}
     for name, item in names_and_records:
         schedule, label, seed = _split_name(name)
@@ -332,7 +332,7 @@ def _grouped(names_and_records, order=()) -> dict[str, dict[str, dict[int, Any]]
     return {
         schedule: {
             label: dict(sorted(by_label[label].items()))
-            for label in sorted(by_label, key=lambda x: (rank.get(x, len(rank)), x))
+            for label in sorted(by_label, key=lambda x: rank.get(x, len(rank)))
         }
         for schedule, by_label in sorted(groups.items())
     }
@@ -355,7 +355,8 @@ def _interval(d: stats.Difference) -> str | None:
         return None
     lo, hi = d.interval
     text = f"{d.mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
-    return text + (f" ({len(d.missing)} seeds not reached)" if d.missing else "")
+    n = len(d.missing) + len(d.seeds)
+    return text + (f" (not reached at {len(d.missing)} of {n} seeds)" if d.missing else "")
 
 
 def _verdict(diffs: dict[str, stats.Difference]) -> str:

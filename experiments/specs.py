@@ -65,6 +65,7 @@ class Size:
     law_overrides: Mapping[str, Any]  # `laws`: on top of `overrides` (steps, evaluations)
     law_seeds: tuple[int, ...]  # `laws`: every law; uniform also runs as many seeds again
     law_schedules: tuple[str, ...]  # `laws`: cosine first; add 'linear' for the second grid
+    law_names: tuple[str, ...] | None = None  # `laws`: None for every law in LAWS
 
 
 # The paper's grids (Figures 5 and 6, Tables 2 and 3) and the class pairs of the OT curves.
@@ -113,6 +114,8 @@ SIZES = {
         law_overrides={"train.num_steps": 3},
         law_seeds=(0, 1),
         law_schedules=("cosine",),
+        # the laws with their own plumbing: located t_δ, a state, a located W₂ curve
+        law_names=("uniform", "bs_p0.9_auto", "loss_aware", "ot_gap"),
     ),
     "cpu": Size(
         name="cpu",
@@ -314,8 +317,9 @@ _LAWS = {
     "logit_normal": {"timesteps.sampler": "logit_normal"},  # SD3's, mean 0, std 1
     "lognormal": {"timesteps.sampler": "lognormal"},  # EDM's σ law on the DDPM grid
     "loss_aware": {"timesteps.sampler": "loss_aware", "timesteps.history": LOSS_AWARE_HISTORY},
-    # The W₂-derived laws (ddpm_bs.timesteps), floor and curve ('auto': located in the run's
-    # workdir) at their defaults.
+    # The W₂-derived laws (ddpm_bs.timesteps) with their defaults: a uniform floor of
+    # timesteps.ot_floor and the decay rate of the W₂ curve located in the run's workdir
+    # (timesteps.decay_rate='auto').
     "ot_gap": {"timesteps.sampler": "ot_gap"},
     "ot_rate": {"timesteps.sampler": "ot_rate"},
 }
@@ -347,21 +351,23 @@ def _law_run(size: Size, name: str, seed: int, schedule: str, **settings: Any) -
 
 def laws(size: Size) -> list[Run]:
     """Timestep laws at equal steps and batch, paired by seed, on the longer protocol."""
+    names = [n for n in LAWS if size.law_names is None or n in size.law_names]
     return [
-        _law_run(size, f"{schedule}/{law}/seed{seed}", seed, schedule, **settings)
+        _law_run(size, f"{schedule}/{law}/seed{seed}", seed, schedule, **LAWS[law])
         for schedule in size.law_schedules
-        for law, settings in LAWS.items()
+        for law in names
         for seed in law_seeds(size, law)
     ]
 
 
 def laws_weighted(size: Size, law: str = BEST_LAW) -> list[Run]:
     """Table 2's question asked of a law that differs from uniform: `law` and uniform, each
-    alone, with Min-SNR-5 and with P2, on the `laws` protocol (the unweighted runs are the
-    `laws` runs themselves, trained once)."""
+    alone, with Min-SNR-5 and with P2 (those of `size.weightings`), on the `laws` protocol (the
+    unweighted runs are the `laws` runs themselves, trained once)."""
     if law not in LAWS or law == "uniform":
         valid = ", ".join(n for n in LAWS if n != "uniform")
         raise ValueError(f"--law={law!r} is not a law to combine; valid: {valid}.")
+    weightings = [w for w in LAW_WEIGHTINGS if w == "none" or w in size.weightings]
     return [
         _law_run(
             size,
@@ -372,7 +378,7 @@ def laws_weighted(size: Size, law: str = BEST_LAW) -> list[Run]:
             **LAW_WEIGHTINGS[weighting],
         )
         for schedule in size.law_schedules
-        for weighting in LAW_WEIGHTINGS
+        for weighting in weightings
         for name in ("uniform", law)
         for seed in size.law_seeds
     ]

@@ -2,6 +2,7 @@
 
     python -m experiments.sweep speedup --size=cpu       # or: all, ot_decay, samplers, ...
     python -m experiments.sweep laws_weighted --size=cpu --law=ot_gap   # default: BEST_LAW
+    python -m experiments.sweep laws --size=cpu --only='cosine/uniform/*'  # some runs only
 
 Results go to `<out>/<experiment>.jsonl` (default out: experiments/results/<size>). Each
 training run trains in `<out>/runs/<hash of its config>` with `ddpm_bs.train`, so runs that
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import hashlib
 import json
 import os
@@ -166,11 +168,16 @@ def results_path(out: pathlib.Path, experiment: str) -> pathlib.Path:
 
 
 def run_experiment(
-    experiment: str, size: str, out: pathlib.Path, law: str | None = None
+    experiment: str,
+    size: str,
+    out: pathlib.Path,
+    law: str | None = None,
+    only: str | None = None,
 ) -> list[dict[str, Any]]:
     """Runs what is missing of `experiment` at `size`; returns all its records in order.
 
-    `law` is the law `laws_weighted` combines with the weightings (default specs.BEST_LAW).
+    `law` is the law `laws_weighted` combines with the weightings (default specs.BEST_LAW);
+    `only`, a shell pattern, keeps the runs whose names match it (a long sweep split up).
 
     Raises:
       Stopped: a training run was interrupted; its checkpoint is written, rerun to go on.
@@ -184,6 +191,10 @@ def run_experiment(
     spec = specs.SIZES[size]
     params = {"law": law} if law is not None and experiment == "laws_weighted" else {}
     runs = specs.EXPERIMENTS[experiment](spec, **params)
+    if only is not None:
+        runs = [run for run in runs if fnmatch.fnmatchcase(run.name, only)]
+        if not runs:
+            raise ValueError(f"--only={only!r} matches no run of {experiment} at --size={size}.")
     for run in runs:  # every config is checked before anything runs (kinds are modes)
         validate.validate_config(run.config(spec), num_devices=jax.device_count(), mode=run.kind)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--law", default=None, help=f"laws_weighted's law (default {specs.BEST_LAW})"
     )
+    parser.add_argument("--only", default=None, help="a shell pattern: run only matching runs")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out or ROOT / "results" / args.size)
     names = list(specs.EXPERIMENTS) if args.experiment == "all" else [args.experiment]
@@ -220,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.law is not None and "laws_weighted" not in names:
             raise ValueError(f"--law applies to laws_weighted only, not to {args.experiment}.")
         for name in names:
-            records = run_experiment(name, args.size, out, law=args.law)
+            records = run_experiment(name, args.size, out, law=args.law, only=args.only)
             print(f"{name}: {len(records)} runs in {results_path(out, name)}", flush=True)
     except Stopped as e:
         print(f"experiments.sweep: {e}; rerun the same command to resume.", file=sys.stderr)

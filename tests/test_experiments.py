@@ -176,7 +176,7 @@ def test_every_experiment_runs_at_the_test_size_and_the_report_is_written(tmp_pa
     assert (tmp_path / "speedup.png").is_file() and (tmp_path / "ot_decay.png").is_file()
     assert (tmp_path / "laws.png").is_file() and (tmp_path / "laws_weighted.png").is_file()
     assert "no verdict (2 of 5 paired seeds)" in tables  # the test size has 2 seeds per law
-    assert "noise floor" in tables and "Wall time: 14 of 14 planned runs done" in tables
+    assert "noise floor" in tables and "Wall time: 10 of 10 planned runs done" in tables
     # The report's prose keeps its words; the tables between the markers are rewritten.
     doc = tmp_path / "doc" / "REPORT.md"
     doc.parent.mkdir()
@@ -380,4 +380,27 @@ def test_law_is_refused_for_other_experiments(tmp_path, capsys):
     assert "--law applies to laws_weighted only" in capsys.readouterr().err
     assert sweep.main(["laws_weighted", "--law=nope", "--size=test", f"--out={tmp_path}"]) == 2
     assert "--law='nope' is not a law to combine" in capsys.readouterr().err
+    assert sweep.main(["laws", "--only=*/nope/*", "--size=test", f"--out={tmp_path}"]) == 2
+    assert "--only='*/nope/*' matches no run of laws" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_only_runs_the_matching_runs_and_a_later_full_sweep_skips_them(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train(config, workdir):
+        trained.append((config.seed, config.timesteps.sampler))
+        artifacts.append_jsonl(
+            [{"step": s, "eval/digits_fid": 10.0 / s} for s in (1, 2, 3)],
+            f"{workdir}/{artifacts.METRICS_FILE}",
+        )
+        return type("State", (), {"step": np.int32(config.train.num_steps)})()
+
+    monkeypatch.setattr(sweep.train, "train_and_evaluate", fake_train)
+    out = tmp_path / "out"
+    records = sweep.run_experiment("laws", "test", out, only="cosine/uniform/seed1")
+    assert [r["run"] for r in records] == ["cosine/uniform/seed1"] and trained == [(1, "uniform")]
+    monkeypatch.setattr(specs, "LAWS", {"uniform": specs.UNIFORM})  # no locating in this test
+    records = sweep.run_experiment("laws", "test", out)
+    assert [r["run"] for r in records] == [f"cosine/uniform/seed{s}" for s in range(4)]
+    assert [seed for seed, _ in trained] == [1, 0, 2, 3]  # seed 1 trained once
