@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.3  # Dropout rate in the residual blocks.
     c.model.use_scale_shift_norm = True  # AdaGN: the timestep embedding scales and shifts.
     c.model.resblock_updown = True  # Residual blocks for down/upsampling.
+    # Attention's qkv split: guided-diffusion's QKVAttention (True) or QKVAttentionLegacy
+    # (False, its default); set it to load a checkpoint trained with the new order.
+    c.model.use_new_attention_order = False
     c.model.learn_sigma = True  # Output 2C channels and train variances with the hybrid loss.
     c.model.num_classes = 0  # Classes for class-conditional models; 0 for unconditional.
     c.model.dtype = "float32"  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).

@@ -359,18 +359,13 @@ def config_overrides_from_flags(
     """`--config.<field>` values (dotted field -> value) that describe the flags' model.
 
     Raises:
-      ValueError: a flag the config cannot express yet (it names the flag): the new qkv order,
-        a separate num_heads_upsample, or timesteps rescaled to 1000 (rescale_timesteps with
+      ValueError: a flag the config cannot express yet (it names the flag): a separate
+        num_heads_upsample, or timesteps rescaled to 1000 (rescale_timesteps with
         diffusion_steps ≠ 1000, improved-diffusion's default) — the network would see other
         inputs than it was trained on.
     """
     f = parse_flags(flags, improved_diffusion=improved_diffusion)
     k = unet_kwargs_from_flags(f, improved_diffusion=improved_diffusion)
-    if f["use_new_attention_order"]:
-        raise ValueError(
-            "guided-diffusion flag --use_new_attention_order True has no config field yet; "
-            "build unet.UNet(**unet_kwargs_from_flags(flags)) directly"
-        )
     if f["num_heads_upsample"] not in (-1, f["num_heads"]):
         raise ValueError(
             "guided-diffusion flag --num_heads_upsample differs from --num_heads; the config "
@@ -395,6 +390,7 @@ def config_overrides_from_flags(
         "model.dropout": k["dropout"],
         "model.use_scale_shift_norm": k["use_scale_shift_norm"],
         "model.resblock_updown": k["resblock_updown"],
+        "model.use_new_attention_order": k["use_new_attention_order"],
         "model.learn_sigma": k["learn_sigma"],
         "model.num_classes": k["num_classes"] or 0,
         "diffusion.schedule": f["noise_schedule"],

@@ -29,6 +29,7 @@ class ModelSpec:
     dropout: float = 0.3
     use_scale_shift_norm: bool = True
     resblock_updown: bool = True
+    use_new_attention_order: bool = False
     learn_sigma: bool = True
     num_classes: int = 0
     dtype: str = "float32"
@@ -48,6 +49,7 @@ class ModelSpec:
         "dropout": fields.real(0, 1, high_open=True),
         "use_scale_shift_norm": fields.boolean,
         "resblock_updown": fields.boolean,
+        "use_new_attention_order": fields.boolean,
         "learn_sigma": fields.boolean,
         "num_classes": fields.integer(0),
         "dtype": fields.one_of(*unet.DTYPES),
@@ -93,6 +95,7 @@ class ModelSpec:
                 num_head_channels=self.num_head_channels,
                 use_scale_shift_norm=self.use_scale_shift_norm,
                 resblock_updown=self.resblock_updown,
+                use_new_attention_order=self.use_new_attention_order,
                 dtype=unet.DTYPES[self.dtype],
                 attention_implementation=self.attention_implementation,
             )
