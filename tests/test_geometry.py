@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_generate import fake_gcs  # noqa: F401  (the gs:// stand-in fixture)
 
 from ddpm_bs import data, geometry, schedules
 
@@ -425,6 +426,24 @@ def test_run_geometry_writes_summary_and_plots(tmp_path, monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "absl"]
     assert "geometry trajectories: started, 16 traj to do." in lines  # 4 solvers × 4
     assert any(m.startswith("geometry trajectories: done, 16/16 traj (100.0%)") for m in lines)
+
+
+@pytest.mark.usefixtures("fake_gcs")  # gs://<bucket>/<key> is tmp_path/gcs/<bucket>/<key>
+def test_run_geometry_writes_a_remote_workdir(tmp_path):
+    config = importlib.import_module("configs.digits").get_config()
+    summary = geometry.run_geometry(
+        config, "gs://bucket/run", num_trajectories=2, num_steps=4, solvers=("heun",)
+    )
+    out = tmp_path / "gcs" / "bucket" / "run" / "geometry"
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "chord_deviation.png",
+        "convergence.png",
+        "curvature.png",
+        "summary.json",
+        "trajectories_pca.png",
+    ]
+    assert not list((tmp_path / "cwd").iterdir())  # nothing went through the local filesystem
 
 
 def test_run_geometry_measures_a_model_on_its_own_timestep_grid(tmp_path, conv_denoiser):

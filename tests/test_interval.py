@@ -13,6 +13,7 @@ import ot
 import pytest
 from ott.geometry import pointcloud
 from ott.tools import sinkhorn_divergence
+from test_generate import fake_gcs  # noqa: F401  (the gs:// stand-in fixture)
 
 from configs import digits
 from ddpm_bs import interval, schedules
@@ -257,6 +258,17 @@ def test_run_locate_writes_json_and_png_and_load_t_delta_reads_it(tmp_path):
     png = (tmp_path / "locate" / "interval.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "locate").glob("*.tmp"))
+
+
+@pytest.mark.usefixtures("fake_gcs")  # gs://<bucket>/<key> is tmp_path/gcs/<bucket>/<key>
+def test_run_locate_writes_and_reads_a_remote_workdir(tmp_path):
+    result = interval.run_locate(_digits_config(), "gs://bucket/run", progress=False)
+    stored = tmp_path / "gcs" / "bucket" / "run"
+    assert sorted(p.name for p in stored.iterdir()) == ["interval.json", "interval.png"]
+    assert json.loads((stored / "interval.json").read_text())["t_delta"] == result["t_delta"]
+    assert interval.load_result("gs://bucket/run")["curve"] == result["curve"]
+    assert interval.load_t_delta("gs://bucket/run") == result["t_delta"]
+    assert not list((tmp_path / "cwd").iterdir())  # nothing went through the local filesystem
 
 
 def test_load_result_reads_a_workdir_or_a_file_and_names_a_bad_one(tmp_path):
