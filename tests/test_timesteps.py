@@ -783,6 +783,17 @@ def test_from_config_errors_are_one_line_naming_the_field(overrides, message):
     assert str(error.value) == message
 
 
+def test_check_finds_bad_fields_before_the_interval_is_located():
+    cfg = _section(sampler="bernoulli", t_delta="auto", p=1.5)
+    with pytest.raises(ValueError, match=r"^timesteps.p=1.5: p must be"):
+        timesteps.check(cfg, schedule=COSINE)
+    cfg = _section(sampler="bernoulli", t_delta="auto", p="auto", decay_rate="auto")
+    timesteps.check(cfg, schedule=COSINE)
+    cfg = _section(sampler="ot_rate", decay_rate="auto", ot_floor=-0.1)
+    with pytest.raises(ValueError, match=r"^timesteps.ot_floor=-0.1: floor must be"):
+        timesteps.check(cfg, schedule=COSINE)
+
+
 def test_from_config_missing_field_or_interval_names_what_to_do():
     cfg = ml_collections.ConfigDict({"sampler": "ot_gap", "importance_weighting": False})
     with pytest.raises(ValueError, match=r"^timesteps.decay_rate: missing; timesteps.sampler="):

@@ -15,15 +15,15 @@ Modules, one job each:
           `tv_to_uniform`;
   ot      `ot_gap` and `ot_rate`, built from the fitted W₂ decay K, and `auto_p`;
   config  `SAMPLERS` (the one registry of names and config fields), `from_config`,
-          `needs_interval` and `warnings_for`.
+          `check`, `needs_interval` and `warnings_for`.
 """
 
 from ddpm_bs.timesteps.config import (
     AUTO,
-    CONFIG_FIELDS,
     FIELDS,
     NEAR_UNIFORM_TV,
     SAMPLERS,
+    check,
     from_config,
     get_sampler,
     needs_interval,
@@ -55,7 +55,6 @@ from ddpm_bs.timesteps.ot import OTGap, OTRate, auto_p, normalized_w2, ot_gap, o
 
 __all__ = [
     "AUTO",
-    "CONFIG_FIELDS",
     "FIELDS",
     "NEAR_UNIFORM_TV",
     "SAMPLERS",
@@ -75,6 +74,7 @@ __all__ = [
     "bernoulli",
     "beta",
     "categorical",
+    "check",
     "from_config",
     "get_sampler",
     "importance_weights",

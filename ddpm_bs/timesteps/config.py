@@ -1,7 +1,8 @@
 """The `timesteps` config section: its one registry, its checks, and what training should warn.
 
-    sampler = timesteps.from_config(config.timesteps, schedule=schedule, interval=located)
+    timesteps.check(config.timesteps, schedule=schedule)  # up front, 'auto' fields too
     if timesteps.needs_interval(config.timesteps): ...   # locate (or load interval.json) first
+    sampler = timesteps.from_config(config.timesteps, schedule=schedule, interval=located)
     for line in timesteps.warnings_for(sampler): logging.warning(line)
 
 `SAMPLERS` names every law and the config fields its factory reads; `from_config` is the only
@@ -198,6 +199,18 @@ def from_config(
         raise fields.reword(e, paths, {"timesteps": values}, "timesteps") from None
 
 
+def check(cfg: Any, *, schedule: schedules.Schedule) -> None:
+    """Checks every field of `cfg` as `from_config` does, before any interval is located.
+
+    'auto' fields stand for values the interval will give (t_δ = T, K = 1), so a config that
+    needs an interval is checked up front too (e.g. `p=1.5` with `t_delta='auto'`), before the
+    locator's minutes of work. Raises the `fields.ConfigError` `from_config` would.
+    """
+    stand_in = {"t_delta": schedule.num_timesteps, "decay_rate": 1.0}
+    stand_in.update(schedule=schedule.name, num_timesteps=schedule.num_timesteps)
+    from_config(cfg, schedule=schedule, interval=stand_in)
+
+
 def warnings_for(sampler: laws.Sampler) -> list[str]:
     """What training should log once about the law it trains with: [] when nothing to say.
 
@@ -233,10 +246,6 @@ def _describe(sampler: laws.Sampler) -> str:
     if isinstance(sampler, laws.Bernoulli):
         return f"bernoulli(t_delta={sampler.t_delta}, p={sampler.p:g})"
     return type(sampler).__name__
-
-
-# Views of SAMPLERS for callers not yet on `from_config` (train's builder, validate).
-CONFIG_FIELDS = {name: dict(law.fields) for name, law in SAMPLERS.items()}
 
 
 def get_sampler(name: str, num_timesteps: int, **kwargs: Any) -> laws.Sampler:
