@@ -308,3 +308,44 @@ def test_gradient_clipping_is_by_global_norm_before_adam():
         jax.tree.map(lambda a, b: b - a, q0, q1),
         expected,
     )
+
+
+def test_samples_and_evaluations_use_the_first_ema_not_the_raw_parameters(tmp_path):
+    # Two runs that differ only in their EMA rates: (0.5,) and (0.9, 0.5). Training does not
+    # read the EMA, so their raw parameters are bitwise equal, and so are run A's EMA and run
+    # B's second one. Outputs from the raw parameters, or from the last EMA, would then be
+    # equal across the runs; outputs from the first EMA differ.
+    from ddpm_bs import artifacts, generate
+
+    outputs = {}
+    for name, rates in (("a", (0.5,)), ("b", (0.9, 0.5))):
+        config = smoke_config(
+            mesh__data=1,
+            optim__lr=0.05,
+            optim__warmup_steps=0,
+            train__num_steps=4,
+            train__ema_rates=rates,
+            train__eval_every=4,
+            train__eval_samples=8,
+            train__sample_every=4,
+        )
+        config.sample.num_samples, config.sample.steps = 8, 4
+        workdir = tmp_path / name
+        state = host_copy(train.train_and_evaluate(config, str(workdir)))
+        path = generate.run_sample(config, str(workdir))
+        with np.load(path) as f:
+            images = f["images"]
+        outputs[name] = {
+            "state": state,
+            "eval_in_training": artifacts.read_metrics(workdir)["eval/digits_fid"][-1, 1],
+            "grid": (workdir / "samples" / "step_00000004.png").read_bytes(),
+            "mode_sample": images,
+            "mode_eval": generate.run_eval(config, str(workdir))["digits_fid"],
+        }
+    a, b = outputs["a"], outputs["b"]
+    assert_bitwise_equal(a["state"].params, b["state"].params)
+    assert_bitwise_equal(a["state"].ema_params[0], b["state"].ema_params[1])
+    assert a["eval_in_training"] != b["eval_in_training"]
+    assert a["grid"] != b["grid"]
+    assert not np.array_equal(a["mode_sample"], b["mode_sample"])
+    assert a["mode_eval"] != b["mode_eval"]
