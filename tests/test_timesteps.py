@@ -231,12 +231,15 @@ def test_bernoulli_works_under_jit_and_vmap_over_keys():
         np.testing.assert_array_equal(batched[i], sampler(keys[i], (64,)))
 
 
-def test_bernoulli_sharded_draws_equal_unsharded_on_8_devices():
+@pytest.mark.parametrize(
+    "sampler", [timesteps.bernoulli(1000, 800, 0.8), timesteps.ot_gap(1000, 0.61)], ids=str
+)
+def test_sharded_draws_equal_unsharded_on_8_devices(sampler):
+    """Algorithm 1's arithmetic and the CDF-table path (every other law) alike."""
     devices = jax.devices()
     assert len(devices) == 8
     mesh = Mesh(np.array(devices), ("data",))
     sharding = NamedSharding(mesh, P("data"))
-    sampler = timesteps.bernoulli(1000, 800, 0.8)
     key = jax.random.key(7)
     plain = jax.jit(lambda k: sampler(k, (4096,)))(key)
     sharded = jax.jit(lambda k: sampler(k, (4096,)), out_shardings=sharding)(key)

@@ -11,11 +11,12 @@ curve of Theorem 1, all with one interface:
     sampler.probs                     # float64 numpy [T], the pmf of the draws
 
 Modules, one job each:
-  laws    the samplers (frozen dataclasses drawn by inverse CDF), `importance_weights`,
-          `tv_to_uniform`;
-  ot      `ot_gap` and `ot_rate`, built from the fitted W₂ decay K, and `auto_p`;
-  config  `SAMPLERS` (the one registry of names and config fields), `from_config`,
-          `check`, `needs_interval` and `warnings_for`.
+  laws        the stateless samplers (frozen dataclasses drawn by inverse CDF),
+              `importance_weights`, `tv_to_uniform`;
+  loss_aware  improved-DDPM's loss-aware sampler and its `LossAwareState`;
+  ot          `ot_gap` and `ot_rate`, built from the fitted W₂ decay K, and `auto_p`;
+  config      `SAMPLERS` (the one registry of names and config fields), `from_config`,
+              `check`, `needs_interval` and `warnings_for`.
 """
 
 from ddpm_bs.timesteps.config import (
@@ -35,8 +36,6 @@ from ddpm_bs.timesteps.laws import (
     Categorical,
     LogitNormal,
     LogNormal,
-    LossAware,
-    LossAwareState,
     Piecewise,
     Sampler,
     Uniform,
@@ -46,11 +45,11 @@ from ddpm_bs.timesteps.laws import (
     importance_weights,
     logit_normal,
     lognormal,
-    loss_aware,
     piecewise,
     tv_to_uniform,
     uniform,
 )
+from ddpm_bs.timesteps.loss_aware import LossAware, LossAwareState, loss_aware
 from ddpm_bs.timesteps.ot import OTGap, OTRate, auto_p, normalized_w2, ot_gap, ot_rate
 
 __all__ = [

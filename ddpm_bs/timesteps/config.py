@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, NoReturn
 
 from ddpm_bs import fields, schedules
-from ddpm_bs.timesteps import laws, ot
+from ddpm_bs.timesteps import laws, loss_aware, ot
 
 AUTO = "auto"
 # Below this total-variation distance from uniform a law trains as uniform does. 0.02 is a
@@ -44,7 +44,7 @@ SAMPLERS: dict[str, Law] = {
     "lognormal": Law(laws.lognormal, {"p_mean": "p_mean", "p_std": "p_std"}, True),
     "logit_normal": Law(laws.logit_normal, {"mean": "logit_mean", "std": "logit_std"}),
     "loss_aware": Law(
-        laws.loss_aware, {"history_per_term": "history", "uniform_prob": "uniform_prob"}
+        loss_aware.loss_aware, {"history_per_term": "history", "uniform_prob": "uniform_prob"}
     ),
     "ot_gap": Law(ot.ot_gap, _OT_FIELDS, True),
     "ot_rate": Law(ot.ot_rate, _OT_FIELDS, True),
