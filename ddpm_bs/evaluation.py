@@ -4,7 +4,8 @@ FID (Heusel et al., 2017) compares two Gaussians fitted to network features:
 
     FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^{1/2}).
 
-Protocol (DESIGN.md, "My FID doesn't match the paper"): reference statistics come from the
+Protocol (what makes an FID comparable with the papers'; a mismatch in any of these is the
+usual reason an FID does not match a published one): reference statistics come from the
 full training set, samples are compared at the training resolution, and a warning is logged
 when fewer samples are used than the protocol asks for (`MIN_SAMPLES`, 10,000 for the
 Inception metrics; the reference set size, 1,797, for digits-FID), because FID estimated
@@ -32,7 +33,8 @@ TF 2015 graph; weights converted once, never downloaded):
 
 Reference statistics (mu, sigma of pool3; mu_s, sigma_s of the spatial features) are computed
 over a config's training data once and saved, or read from guided-diffusion's reference
-batches (`VIRTUAL_*.npz`, which carry them beside `arr_0`):
+batches (`VIRTUAL_*.npz`, which carry them beside `arr_0`). Inception feature passes (of
+samples, of a reference set) log their progress, rate and time left (`ddpm_bs.progress`):
 
     python -m ddpm_bs.evaluation --reference_stats --config=configs/cifar10_adm.py \
         --inception_weights=inception_fid.npz --out=cifar10_reference.npz
@@ -41,6 +43,8 @@ batches (`VIRTUAL_*.npz`, which carry them beside `arr_0`):
 from __future__ import annotations
 
 import functools
+import io
+import itertools
 import json
 import logging
 import os
@@ -54,9 +58,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import traverse_util
 
-from ddpm_bs import data, inception
+from ddpm_bs import data, inception, progress
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +71,7 @@ REFERENCE_METRICS = ("fid", "sfid")  # need sample.reference_stats too
 MIN_SAMPLES = 10_000  # the Inception-FID protocol's minimum (50k for the large datasets)
 IS_SPLIT_SIZE = 5_000  # samples per Inception Score split, as guided-diffusion's evaluator
 INCEPTION_BATCH = 64  # images per Inception call, as guided-diffusion's evaluator
+PROGRESS_BATCHES = 16  # Inception calls between progress updates (and reference-set reads)
 REFERENCE_COMMAND = (
     "python -m ddpm_bs.evaluation --reference_stats --config=<config.py> "
     "--inception_weights=<inception_fid.npz> --out=<reference.npz>"
@@ -551,8 +557,31 @@ class _Moments:
         return self.shift + mean, 0.5 * (sigma + sigma.T)
 
 
+def inception_features(
+    images: np.ndarray,
+    variables: Any,
+    *,
+    batch_size: int = INCEPTION_BATCH,
+    progress_name: str | None = "Inception features",
+) -> dict[str, np.ndarray]:
+    """`inception.features` of `images`, reporting progress every `PROGRESS_BATCHES` batches
+    under `progress_name` (None: silent). Same values and compiled batch shape as one call."""
+    if progress_name is None:
+        return inception.features(images, variables, batch_size=batch_size)
+    n = images.shape[0]
+    bounds = [*range(0, n, PROGRESS_BATCHES * batch_size), n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < batch_size:
+        del bounds[-2]  # a tail shorter than a batch joins the piece before it
+    parts = []
+    with progress.Progress(progress_name, total=n, unit="img") as bar:
+        for start, stop in itertools.pairwise(bounds):
+            parts.append(inception.features(images[start:stop], variables, batch_size=batch_size))
+            bar.update(stop - start)
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
 def _dataset_batches(
-    source: data.Source, spec: data.DataSpec, max_images: int | None, chunk: int
+    source: data.Source, spec: data.DataSpec, n: int, chunk: int
 ) -> Iterator[np.ndarray]:
     """The source's images in order, preprocessed as for training, as uint8 batches.
 
@@ -560,7 +589,6 @@ def _dataset_batches(
     reference and samples go through the same uint8 → Inception path. Streams in chunks, so
     large datasets need not fit in memory (`data.load_all` holds everything).
     """
-    n = len(source) if max_images is None else min(max_images, len(source))
     pipeline = data.Pipeline(source, spec, seed=0, global_batch_size=1, rows=(0, 1))
     try:
         for start in range(0, n, chunk):
@@ -599,11 +627,14 @@ def dataset_reference_statistics(
     source = data.open_source(spec)  # a missing dataset fails before the weights load
     variables = _inception_variables(inception_weights)
     pool, spatial = _Moments(), _Moments()
-    for images in _dataset_batches(source, spec, max_images, chunk=16 * batch_size):
-        feats = inception.features(images, variables, batch_size=batch_size)
-        pool.add(feats["pool3"])
-        spatial.add(feats["spatial"])
-        logger.info("reference statistics: %d images", pool.n)
+    n = len(source) if max_images is None else min(max_images, len(source))
+    chunk = PROGRESS_BATCHES * batch_size
+    with progress.Progress("reference statistics", total=n, unit="img") as bar:
+        for images in _dataset_batches(source, spec, n, chunk=chunk):
+            feats = inception.features(images, variables, batch_size=batch_size)
+            pool.add(feats["pool3"])
+            spatial.add(feats["spatial"])
+            bar.update(images.shape[0])
     return ReferenceStats(*pool.result(), *spatial.result()), pool.n
 
 
@@ -662,7 +693,10 @@ def _read_reference(path: pathlib.Path) -> tuple[ReferenceStats | None, np.ndarr
 
 def _reference_from_images(images: np.ndarray, variables: Any, where: str, batch_size: int):
     images = inception.check_images(images, where)
-    return inception_statistics(inception.features(images, variables, batch_size=batch_size))
+    feats = inception_features(
+        images, variables, batch_size=batch_size, progress_name="reference features"
+    )
+    return inception_statistics(feats)
 
 
 @functools.lru_cache(maxsize=2)
@@ -760,6 +794,7 @@ def evaluate_images(
     reference: str | os.PathLike | ReferenceStats | None = None,
     batch_size: int = INCEPTION_BATCH,
     is_split_size: int = IS_SPLIT_SIZE,
+    progress_name: str | None = "Inception features",
 ) -> dict[str, Any]:
     """Scores samples with any of `METRICS`; the function for a training loop to call.
 
@@ -780,6 +815,8 @@ def evaluate_images(
         1,797 digits.
       batch_size: images per Inception call.
       is_split_size: samples per Inception Score split.
+      progress_name: the name the samples' Inception pass logs its progress under (rate,
+        time left); None logs nothing.
 
     Returns:
       {metric: float for each metric, 'num_samples': N}. fid/sfid log a warning below
@@ -803,7 +840,11 @@ def evaluate_images(
         where = f"sample.reference_stats={str(reference)!r}"
         _check_reference_dims(ref, metrics, "reference" if reference is ref else where)
     result: dict[str, Any] = {}
-    feats = inception.features(images, variables, batch_size=batch_size) if needs_inception else {}
+    feats = {}
+    if needs_inception:
+        feats = inception_features(
+            images, variables, batch_size=batch_size, progress_name=progress_name
+        )
     for metric in metrics:
         if metric == "digits_fid":
             result[metric] = digits_fid(images)
@@ -825,11 +866,12 @@ def evaluate_images(
 
 
 def load_samples(npz_path: str | os.PathLike) -> np.ndarray:
-    """Images from a samples .npz: key `images` (ours) or `arr_0` (guided-diffusion's)."""
-    path = pathlib.Path(npz_path)
+    """Images from a samples .npz (local or gs://…): key `images` (ours) or `arr_0`
+    (guided-diffusion's)."""
+    path = epath.Path(npz_path)
     if not path.is_file():
         raise FileNotFoundError(f"npz_path: samples file not found: {str(path)!r}.")
-    with np.load(path) as f:
+    with np.load(io.BytesIO(path.read_bytes())) as f:
         for key in ("images", "arr_0"):
             if key in f.files:
                 return f[key]

@@ -2,12 +2,15 @@
 
 Writes `<workdir>/samples/<method><steps>_step<N>.npz` (uint8 `images` [N, H, W, C], `labels`)
 and a grid PNG of the first 64 beside it. Chunks of `sample.batch_size` are drawn with one
-compiled, data-sharded sampler and keys fold_in(sample_key, chunk), so the set is reproducible.
+compiled, data-sharded sampler and keys fold_in(sample_key, chunk), so the set is reproducible;
+the log shows the images done, the rate and the time left. Workdirs may be local or remote
+(`gs://…`): files are read and written through etils.epath, each written atomically
+(`artifacts.write_bytes`).
 """
 
 from __future__ import annotations
 
-import glob
+import io
 import json
 import logging
 import os
@@ -15,14 +18,16 @@ import os
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
-from ddpm_bs import artifacts, checkpointing, sampling, train
+from ddpm_bs import artifacts, checkpointing, progress, sampling, train
 
 
 def restore_ema_params(trainer: train.Trainer, workdir: str, rate_index: int = 0):
     """The EMA params (of `train.ema_rates[rate_index]`) of the workdir's latest checkpoint."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
+    root = workdir if artifacts.is_remote(workdir) else os.path.abspath(workdir)
+    directory = os.path.join(root, "checkpoints")
+    if not epath.Path(directory).is_dir():
         raise FileNotFoundError(
             f"--workdir={workdir} has no checkpoints/ to sample from: train there first, or point "
             "--workdir at a run directory."
@@ -89,14 +94,15 @@ def draw(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarray, n
     )
     num_classes = config.model.num_classes
     images, labels = [], []
-    for chunk in range(-(-sc.num_samples // batch)):
-        key = jax.random.fold_in(trainer.sample_key, chunk)
-        y = None
-        if num_classes:
-            y = jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, num_classes)
-            labels.append(np.asarray(y))
-        images.append(sampling.to_uint8(fn(params, key, y)))
-        logging.info("Sampled %d / %d", min((chunk + 1) * batch, sc.num_samples), sc.num_samples)
+    with progress.Progress("sampling", total=sc.num_samples, unit="img") as bar:
+        for chunk in range(-(-sc.num_samples // batch)):
+            key = jax.random.fold_in(trainer.sample_key, chunk)
+            y = None
+            if num_classes:
+                y = jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, num_classes)
+                labels.append(np.asarray(y))
+            images.append(sampling.to_uint8(fn(params, key, y)))
+            bar.update(min(batch, sc.num_samples - chunk * batch))
     images = np.concatenate(images)[: sc.num_samples]
     labels = np.concatenate(labels)[: sc.num_samples] if labels else np.zeros((0,), np.int32)
     return images, labels.astype(np.int32), step
@@ -107,15 +113,15 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     sc = config.sample
     images, labels, step = draw(config, workdir)
     out_dir = os.path.join(workdir, "samples")
-    os.makedirs(out_dir, exist_ok=True)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
     name = f"{sc.method}{sc.steps}"
     if _eps_scale(sc):
         name += "_es{:g}_{:g}".format(*_eps_scale(sc))  # beside the unscaled set, not over it
     stem = os.path.join(out_dir, f"{name}_step{step:08d}")
     if jax.process_index() == 0:
-        with open(stem + ".npz.tmp", "wb") as f:
-            np.savez(f, images=images, labels=labels)
-        os.replace(stem + ".npz.tmp", stem + ".npz")
+        buffer = io.BytesIO()
+        np.savez(buffer, images=images, labels=labels)
+        artifacts.write_bytes(buffer.getvalue(), stem + ".npz")
         grid = images[:64]
         factor = max(1, 32 // grid.shape[1])
         artifacts.save_png(
@@ -137,22 +143,27 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     sc = config.sample
     metrics = evaluation.check_metric_inputs(sc.metric, sc.inception_weights, sc.reference_stats)
-    pattern = os.path.join(workdir, "samples", "*.npz")
-    paths = sorted(glob.glob(pattern), key=os.path.getmtime)
+    samples = epath.Path(workdir, "samples")
+    paths = sorted(samples.glob("*.npz"), key=_mtime) if samples.is_dir() else []
     if not paths:
         raise FileNotFoundError(
-            f"no samples in {os.path.dirname(pattern)}: run --mode=sample on this workdir first."
+            f"no samples in {samples}: run --mode=sample on this workdir first."
         )
     result = evaluation.evaluate_samples(
-        paths[-1],
+        os.fspath(paths[-1]),
         metric=metrics,
         inception_weights=sc.inception_weights,
         reference=sc.reference_stats,
     )
-    result["samples"] = os.path.basename(paths[-1])
+    result["samples"] = paths[-1].name
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps(result) + "\n")
+        artifacts.append_jsonl([result], os.path.join(workdir, "eval.jsonl"))
     logging.info("%s", json.dumps(result))
     print(json.dumps(result), flush=True)
     return result
+
+
+def _mtime(path: epath.Path) -> float:
+    """Modification time: the local file's, to the nanosecond; a remote object's, to the second
+    (what epath's `stat` gives)."""
+    return os.path.getmtime(path) if not artifacts.is_remote(path) else path.stat().mtime

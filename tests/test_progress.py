@@ -4,6 +4,7 @@ import io
 import logging
 
 import jax
+import numpy as np
 import pytest
 
 from ddpm_bs import progress
@@ -104,3 +105,32 @@ def test_the_bar_is_drawn_on_a_terminal_only():
 )
 def test_format_duration(seconds, text):
     assert progress.format_duration(seconds) == text
+
+
+# --------------------------------------------------------------------------------------------
+# Where long jobs report
+
+
+@pytest.mark.parametrize("n, last_piece", [(1030, 6), (1026, 66), (50, 50), (3, 3)])
+def test_inception_features_in_pieces_equal_one_pass(monkeypatch, caplog, n, last_piece):
+    from ddpm_bs import evaluation, inception
+
+    calls = []
+
+    def features(images, variables, *, batch_size):  # stands in for the network
+        calls.append(images.shape[0])
+        flat = images.reshape(images.shape[0], -1).astype(np.float32)
+        return {"pool3": flat[:, :2], "spatial": flat[:, 2:5], "logits": flat[:, :1]}
+
+    monkeypatch.setattr(inception, "features", features)
+    monkeypatch.setattr(evaluation, "PROGRESS_BATCHES", 16)
+    images = np.random.default_rng(0).integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    caplog.set_level(logging.INFO)
+    pieces = evaluation.inception_features(images, None, batch_size=4, progress_name="feats")
+    whole = features(images, None, batch_size=4)
+    for key in whole:
+        np.testing.assert_array_equal(pieces[key], whole[key])
+    # Pieces of 16 batches; a tail shorter than one batch joins the piece before it, so the
+    # network sees no batch shape but 4 (and n itself when n < 4).
+    assert calls[:-1] == [64] * (len(calls) - 2) + [last_piece]
+    assert _messages(caplog)[-1].startswith(f"feats: done, {n}/{n} img (100.0%)")
