@@ -29,7 +29,21 @@ from ddpm_bs import artifacts
 class Checkpoints:
     """Saves and restores `{'state': TrainState, 'data': {'step': int}}` in a workdir."""
 
-    def __init__(self, workdir: str, *, keep: int = 3, asynchronous: bool = True):
+    def __init__(
+        self, workdir: str, *, keep: int = 3, keep_period: int = 0, asynchronous: bool = True
+    ):
+        """Args:
+        workdir: the run directory (local or gs://…); steps go to `<workdir>/checkpoints`.
+        keep: the newest steps kept (`train.keep_checkpoints`).
+        keep_period: every step that is a multiple of it is kept too, forever
+          (`train.keep_period`, for FID-vs-iterations curves); 0 keeps none beyond `keep`.
+        asynchronous: whether `save` returns before the write ends.
+        """
+        if keep_period < 0:
+            raise ValueError(
+                f"train.keep_period={keep_period}: must be ≥ 0 (0 keeps only the newest "
+                "train.keep_checkpoints steps)."
+            )
         root = workdir if artifacts.is_remote(workdir) else os.path.abspath(workdir)
         self.directory = os.path.join(root, "checkpoints")
         self.unreadable_directory = os.path.join(root, "checkpoints_unreadable")
@@ -37,6 +51,7 @@ class Checkpoints:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
+                keep_period=keep_period or None,
                 create=True,
                 enable_async_checkpointing=asynchronous,
                 cleanup_tmp_directories=True,  # the remains of a write that was killed

@@ -9,8 +9,9 @@ all-gathers each weight where it is used and reduce-scatters its gradient, so th
 params + EMA + Adam moments per device fall by about `fsdp`× while activations stay
 batch-sharded (ZeRO-3 / FSDP).
 
-Devices are laid out process-major (`jax.devices()` order), so each process's devices hold
-a contiguous block of the batch and each process reads only its own rows (data.py).
+Devices are laid out by `jax.make_mesh` (topology-aware on TPU) as long as each process's
+devices hold a contiguous block of the batch, else process-major (`jax.devices()` order), so
+each process reads only its own rows (data.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp")
@@ -59,11 +60,33 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A ('data', 'fsdp') mesh over the first data·fsdp devices, process-major."""
+    """A ('data', 'fsdp') mesh over data·fsdp devices, laid out by `jax.make_mesh`.
+
+    `jax.make_mesh` follows the TPU interconnect's topology (elsewhere, the device order). The
+    process-major order (`jax.devices()` sorted by process) is used instead where that layout
+    would not give each process one contiguous block of the batch, which `data.py` reads, or
+    where `jax.make_mesh` refuses the devices (multi-slice TPU). Axes are `AxisType.Auto`,
+    as `Mesh(...)` makes them (`jax.make_mesh` defaults to Explicit ones).
+    """
     devices = list(jax.devices() if devices is None else devices)
     data, fsdp = mesh_shape(data, fsdp, len(devices))
-    devices.sort(key=lambda d: (d.process_index, d.id))
-    return Mesh(np.asarray(devices[: data * fsdp]).reshape(data, fsdp), AXES)
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))[: data * fsdp]
+    auto = (AxisType.Auto,) * len(AXES)
+    try:
+        mesh = jax.make_mesh((data, fsdp), AXES, axis_types=auto, devices=devices)
+    except ValueError:  # a multi-slice topology
+        mesh = None
+    if mesh is None or not processes_contiguous(mesh.devices):
+        mesh = Mesh(np.asarray(devices).reshape(data, fsdp), AXES, axis_types=auto)
+    return mesh
+
+
+def processes_contiguous(devices: np.ndarray) -> bool:
+    """Whether each process's devices form one run of `devices` in row-major order, so that a
+    batch split over the mesh's axes gives each process a contiguous block of rows."""
+    owners = [d.process_index for d in np.asarray(devices).flat]
+    starts = [p for i, p in enumerate(owners) if i == 0 or owners[i - 1] != p]
+    return len(starts) == len(set(starts))
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

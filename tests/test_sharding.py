@@ -1,10 +1,12 @@
 """The mesh and the FSDP layout on 8 fake CPU devices: same numbers, ~8× less state per device."""
 
 import importlib
+import types
 
 import jax
 import numpy as np
 import pytest
+from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
 from configs import default
@@ -50,6 +52,44 @@ def test_mesh_shape_resolves_the_remaining_devices(data_, fsdp, expected):
 def test_mesh_shape_errors_name_the_field(data_, fsdp, match):
     with pytest.raises(ValueError, match=match):
         sharding.mesh_shape(data_, fsdp, 8)
+
+
+def test_make_mesh_takes_jax_make_meshs_layout_with_auto_axes(monkeypatch):
+    calls = []
+
+    def topology_mesh(shape, names, axis_types=None, *, devices):  # a layout of its own
+        calls.append((tuple(shape), tuple(names), tuple(d.id for d in devices)))
+        return Mesh(np.asarray(devices[::-1]).reshape(shape), names, axis_types=axis_types)
+
+    monkeypatch.setattr(jax, "make_mesh", topology_mesh)
+    mesh = sharding.make_mesh(2, 2)
+    assert calls == [((2, 2), ("data", "fsdp"), (0, 1, 2, 3))]  # the first 4, process-major
+    assert [d.id for d in mesh.devices.flat] == [3, 2, 1, 0]
+    assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)  # as Mesh(...), not Explicit
+
+
+def test_make_mesh_falls_back_to_process_major_order(monkeypatch):
+    def multi_slice(*args, **kwargs):
+        raise ValueError("`jax.make_mesh` does not support multi-slice topologies.")
+
+    monkeypatch.setattr(jax, "make_mesh", multi_slice)
+    mesh = sharding.make_mesh(4, 2)
+    assert [d.id for d in mesh.devices.flat] == list(range(8))
+    assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
+
+
+@pytest.mark.parametrize(
+    "owners, contiguous",
+    [
+        ([0, 0, 1, 1], True),
+        ([1, 1, 0, 0], True),  # any process order, each one block
+        ([0, 1, 0, 1], False),  # interleaved: each process's rows would be split
+        ([0, 0, 1, 1, 0, 0], False),
+    ],
+)
+def test_processes_contiguous(owners, contiguous):
+    devices = np.asarray([types.SimpleNamespace(process_index=p) for p in owners], object)
+    assert sharding.processes_contiguous(devices.reshape(2, -1)) is contiguous
 
 
 def _config(fsdp):
