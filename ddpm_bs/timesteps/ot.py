@@ -39,13 +39,14 @@ def normalized_w2(decay_rate: float, schedule: str, num_timesteps: int) -> np.nd
     return np.exp(decay_rate * np.log(laws.alphas_cumprod64(schedule, num_timesteps)))
 
 
+@dataclasses.dataclass(frozen=True)
 class _OTLaw(laws.Sampler):
     """A law built from the fitted W₂ decay, mixed with a uniform floor."""
 
     num_timesteps: int
     decay_rate: float
-    schedule: str
-    floor: float
+    schedule: str = "cosine"
+    floor: float = 0.1
 
     def __post_init__(self):
         object.__setattr__(self, "num_timesteps", laws.check_num_timesteps(self.num_timesteps))
@@ -67,11 +68,6 @@ class _OTLaw(laws.Sampler):
 class OTGap(_OTLaw):
     """p(t) ∝ W(t)/W(0) with a uniform floor; see `ot_gap`."""
 
-    num_timesteps: int
-    decay_rate: float
-    schedule: str = "cosine"
-    floor: float = 0.1
-
     def _shape(self):
         return normalized_w2(self.decay_rate, self.schedule, self.num_timesteps)
 
@@ -79,11 +75,6 @@ class OTGap(_OTLaw):
 @dataclasses.dataclass(frozen=True)
 class OTRate(_OTLaw):
     """p(t) ∝ W(t−1) − W(t) with a uniform floor; see `ot_rate`."""
-
-    num_timesteps: int
-    decay_rate: float
-    schedule: str = "cosine"
-    floor: float = 0.1
 
     def _shape(self):
         w = normalized_w2(self.decay_rate, self.schedule, self.num_timesteps)
