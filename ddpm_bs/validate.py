@@ -135,10 +135,8 @@ def validate_config(config: Any, *, num_devices: int | None = None, mode: str = 
 
 def _check_training(config: Any, num_devices: int | None) -> None:
     schedule = schedules.from_config(config.diffusion)
-    ts = config.get("timesteps")
-    _wrap_spec_error(lambda: timesteps_lib.needs_interval(ts), "timesteps")
-    if not timesteps_lib.needs_interval(ts):  # else built once training has located t_δ / K
-        _wrap_spec_error(lambda: timesteps_lib.from_config(ts, schedule=schedule), "timesteps")
+    # 'auto' fields stand for what the locator will find, so the rest is checked before it runs.
+    timesteps_lib.check(config.get("timesteps"), schedule=schedule)
     optim.OptimSpec.from_config(config.get("optim"))
     train = state.TrainSpec.from_config(config.get("train"))
     num_timesteps = config.diffusion.num_timesteps
