@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import ml_collections
@@ -206,6 +207,23 @@ def test_mesh_loader_yields_global_arrays_sharded_over_data():
                 assert array.shape == expected.shape and array.dtype == expected.dtype
                 assert {s.data.shape[0] for s in array.addressable_shards} == {2}
                 np.testing.assert_array_equal(np.asarray(array), expected)
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_the_loader_reads_at_most_prefetch_batches_ahead(monkeypatch, prefetch):
+    read, batch_at = [], data.Pipeline.batch_at
+
+    def recording(self, step):
+        read.append(step)
+        return batch_at(self, step)
+
+    monkeypatch.setattr(data.Pipeline, "batch_at", recording)
+    spec = dataclasses.replace(DIGITS_8, prefetch=prefetch)
+    with data.build(spec, seed=0, global_batch_size=8) as loader:
+        _collect(loader, 4)
+        time.sleep(0.5)  # time for the prefetch thread to run as far ahead as it may
+        assert max(read) == 3 + prefetch  # batches 0..3 taken, `prefetch` more ready
+        assert sorted(read) == list(range(4 + prefetch))
 
 
 def test_close_stops_the_prefetch_threads():
