@@ -59,6 +59,7 @@ def test_make_mesh_takes_jax_make_meshs_layout_with_auto_axes(monkeypatch):
 
     def topology_mesh(shape, names, axis_types=None, *, devices):  # a layout of its own
         calls.append((tuple(shape), tuple(names), tuple(d.id for d in devices)))
+        axis_types = axis_types or (AxisType.Explicit,) * len(shape)  # jax.make_mesh's default
         return Mesh(np.asarray(devices[::-1]).reshape(shape), names, axis_types=axis_types)
 
     monkeypatch.setattr(jax, "make_mesh", topology_mesh)
