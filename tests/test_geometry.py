@@ -5,6 +5,7 @@ solution), DDIM's update written out in float64. The findings are measured on sc
 8×8 digits with the optimal denoiser; thresholds are stated beside the measured values.
 """
 
+import functools
 import importlib
 import json
 import logging
@@ -492,6 +493,21 @@ def test_compare_schedules_on_the_optimal_denoiser(tmp_path):
     pairs = zip(opt["fit_cost"]["dp"], opt["fit_cost"]["edm_rho7"], strict=True)
     assert all(dp <= edm + 1e-9 for dp, edm in pairs)
     assert (tmp_path / "geometry" / "schedules.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_comparison_solves_each_ladder_with_its_own_coefficients():
+    """Ladders of one layout share a compiled solver; each must still be solved as itself."""
+    denoise = geometry.gaussian_denoiser(0.3, 0.5)
+    run = geometry.comparison._compiled_solve(denoise)
+    x = 80.0 * jax.random.normal(jax.random.key(0), (3, 2))
+    ladders = (schedules.edm_sigmas(4), np.array([80.0, 10.0, 1.0, 0.1, 0.0], np.float32))
+    for method in geometry.SOLVERS:
+        for sigmas in ladders:
+            got = run(x, sigmas, method=method)
+            solve = functools.partial(geometry.solve, denoise, sigmas=sigmas, method=method)
+            want = jax.jit(solve)(x)
+            np.testing.assert_array_equal(got.sigmas, want.sigmas)
+            np.testing.assert_allclose(got.samples, want.samples, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_name_the_argument(points):

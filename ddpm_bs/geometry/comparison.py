@@ -8,6 +8,7 @@ plots `<workdir>/geometry/schedules.png`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -227,17 +228,23 @@ def _plot_schedules(result: dict[str, Any], path: str) -> None:
 
 
 def _compiled_solve(denoise: denoisers_lib.Denoiser):
-    """run(x, sigmas, method=...) -> `trajectories.solve`'s Trajectory, jitted once per ladder.
-
-    The solvers' coefficients come from the ladder, so each ladder and method compiles once.
+    """run(x, sigmas, method=...) -> `trajectories.solve`'s Trajectory, with one compile per plan
+    layout (method, number of levels, whether the ladder ends at 0), not per ladder: the
+    ladder's coefficients are arguments of the compiled function.
     """
-
-    @functools.cache
-    def compiled(ladder: tuple[float, ...], method: str):
-        sigmas = np.asarray(ladder, np.float32)
-        return jax.jit(lambda x: trajectories.solve(denoise, x, sigmas, method))
+    compiled = {}
 
     def run(x: jax.Array, sigmas: Any, *, method: str) -> trajectories.Trajectory:
-        return compiled(tuple(np.asarray(sigmas, np.float32).tolist()), method)(x)
+        ladder = np.asarray(trajectories.check_ladder(sigmas), np.float64)
+        plan, levels = trajectories.ladder_plan(ladder, method)
+        layout = (plan.timesteps.tobytes(), plan.slot.tobytes(), plan.rebase.tobytes())
+        if layout not in compiled:
+            compiled[layout] = jax.jit(functools.partial(_solve_with, denoise, plan))
+        return compiled[layout](x, levels, plan.base_coef, plan.pred_coef)
 
     return run
+
+
+def _solve_with(denoise, template, x, levels, base_coef, pred_coef) -> trajectories.Trajectory:
+    plan = dataclasses.replace(template, base_coef=base_coef, pred_coef=pred_coef)
+    return trajectories.solve_plan(denoise, x, plan, levels)

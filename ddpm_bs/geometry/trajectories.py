@@ -129,20 +129,32 @@ def solve(
     if method not in SOLVERS:
         raise ValueError(f"method {method!r} is unknown; valid methods: {', '.join(SOLVERS)}.")
     ladder = check_ladder(sigmas)
-    plan, levels = _plan(np.asarray(ladder, np.float64), method)
+    plan, levels = ladder_plan(np.asarray(ladder, np.float64), method)
+    return solve_plan(denoise, x_init, plan, levels)
+
+
+def solve_plan(
+    denoise: denoisers.Denoiser, x_init: jax.Array, plan: sampling.SolverPlan, levels: Any
+) -> Trajectory:
+    """`solve` with its plan given (`ladder_plan`).
+
+    The plan's coefficients (base_coef, pred_coef) and `levels` may be traced, so one compiled
+    function serves every ladder whose plan has the same rows (timesteps, slots, rebase);
+    those stay concrete.
+    """
     x_init = jnp.asarray(x_init, jnp.float32)
     xs, preds = sampling.run_plan_denoiser(plan, denoise, levels, x_init)
     ends = np.flatnonzero(plan.rebase)  # the last row of each step
     starts = np.concatenate([[0], ends[:-1] + 1])  # its first row, where D(x_i; σ_i) is called
     return Trajectory(
-        sigmas=jnp.asarray(ladder),
+        sigmas=jnp.asarray(levels, jnp.float32)[: ends.size + 1],  # the ladder's levels
         samples=jnp.concatenate([x_init[None], xs[ends]], axis=0),
         denoised=preds[starts],
         extra_denoised=preds[ends],
     )
 
 
-def _plan(sig: np.ndarray, method: str) -> tuple[sampling.SolverPlan, np.ndarray]:
+def ladder_plan(sig: np.ndarray, method: str) -> tuple[sampling.SolverPlan, np.ndarray]:
     """`method`'s plan on the float64 ladder `sig` [N+1], and the σ of each level it names.
 
     Level i < N+1 is sig[i]; DPM-Solver-2's log-midpoint of step i, √(σ_i σ_{i+1}), is level
