@@ -121,6 +121,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.log_every = 100  # Steps between metric writes.
     c.train.checkpoint_every = 10_000  # Steps between checkpoints (and at the end).
     c.train.keep_checkpoints = 3  # Checkpoints kept in the workdir.
+    # Steps between checkpoints kept for good beside the newest keep_checkpoints (0: none), for
+    # FID-vs-iterations curves; use a multiple of checkpoint_every.
+    c.train.keep_period = 0
     c.train.sample_every = 10_000  # Steps between sample grids (0 disables; also at the end).
     c.train.num_samples = 64  # Images in each sample grid.
     c.train.sample_steps = 100  # DDIM steps for the sample grids.
@@ -133,6 +136,9 @@ def get_config() -> ml_collections.ConfigDict:
     # skipped_steps) and go on; 'halt': stop with a message naming the step, keeping the
     # checkpoints written before it.
     c.train.on_nonfinite = "skip"
+    # A Weights & Biases project to log the run to as well (None: off; needs `pip install
+    # wandb`; the W&B team comes from the WANDB_ENTITY environment variable, else your default).
+    c.train.wandb_project = config_dict.placeholder(str)
 
     # --- Locating t_δ with optimal transport (mode=locate; ddpm_bs.interval) ---------------
     c.interval = ml_collections.ConfigDict()

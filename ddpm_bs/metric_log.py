@@ -37,25 +37,19 @@ WANDB_ID_FILE = "wandb_id.txt"  # the W&B run id, so that a resumed run logs int
 
 
 def check_writers(config: ml_collections.ConfigDict) -> None:
-    """Checks the writer settings of `config.train` (`wandb_project`, `wandb_entity`): a W&B
-    project needs the wandb package. Call before expensive work; raises ValueError."""
-    project, entity = config.train.get("wandb_project", ""), config.train.get("wandb_entity", "")
-    for field, value in (("wandb_project", project), ("wandb_entity", entity)):
-        if value is not None and not isinstance(value, str):
-            raise ValueError(
-                f"train.{field} must be a string ('' for none), got {type(value).__name__} "
-                f"{value!r}."
-            )
-    if entity and not project:
+    """Checks the writer settings of `config.train`: a W&B project (`wandb_project`) needs the
+    wandb package. Call before expensive work; raises ValueError."""
+    project = config.train.get("wandb_project")
+    if project is not None and not isinstance(project, str):
         raise ValueError(
-            f"train.wandb_entity={entity!r} is set but train.wandb_project is empty: set the "
-            "project too, or clear the entity."
+            f"train.wandb_project must be a string (None for no W&B logging), got "
+            f"{type(project).__name__} {project!r}."
         )
     if project and importlib.util.find_spec("wandb") is None:
         raise ValueError(
             f"train.wandb_project={project!r} needs the wandb package, which is not installed: "
-            "pip install wandb (and `wandb login`), or set train.wandb_project='' to log without "
-            "Weights & Biases."
+            "pip install wandb (and `wandb login`), or leave train.wandb_project unset to log "
+            "without Weights & Biases."
         )
 
 
@@ -64,8 +58,7 @@ def open_writers(
     *,
     is_main: bool,
     num_steps: int,
-    wandb_project: str | None = "",
-    wandb_entity: str | None = "",
+    wandb_project: str | None = None,
 ):
     """(writer, report): a clu-style MetricWriter and a `report(step, time)` callable, both
     called by the main process and every other (others log only).
@@ -74,8 +67,8 @@ def open_writers(
       workdir: the run directory (local or gs://…): TensorBoard event files, metrics.jsonl.
       is_main: whether this is process 0, the only one that writes files or logs to W&B.
       num_steps: the run's last step, for the reporter's percentage and time left.
-      wandb_project, wandb_entity: `train.wandb_project` / `train.wandb_entity`; a project
-        adds a `WandbWriter` on the main process (wandb is imported only then).
+      wandb_project: `train.wandb_project`; a project adds a `WandbWriter` on the main
+        process (wandb is imported only then).
     """
     clu = _clu_writers()
     if clu is not None:
@@ -88,7 +81,7 @@ def open_writers(
     if is_main:
         writers.append(JsonlWriter(workdir))
         if wandb_project:
-            writers.append(WandbWriter(workdir, project=wandb_project, entity=wandb_entity))
+            writers.append(WandbWriter(workdir, project=wandb_project))
     writer = MultiWriter(writers)
     if clu is not None:
         return writer, periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
@@ -226,10 +219,11 @@ class TensorBoardWriter(_ScalarsOnly):
 
 
 class WandbWriter(_ScalarsOnly):
-    """Scalars, images and hparams to a Weights & Biases run named after the workdir. The run id
-    is kept in `<workdir>/wandb_id.txt`, so a resumed training run logs into the same W&B run."""
+    """Scalars, images and hparams to a Weights & Biases run named after the workdir, in the
+    team of the WANDB_ENTITY environment variable (else the user's default). The run id is kept
+    in `<workdir>/wandb_id.txt`, so a resumed training run logs into the same W&B run."""
 
-    def __init__(self, workdir: str, *, project: str, entity: str | None = None):
+    def __init__(self, workdir: str, *, project: str):
         import wandb
 
         self._wandb = wandb
@@ -242,7 +236,6 @@ class WandbWriter(_ScalarsOnly):
             artifacts.write_bytes(run_id.encode(), id_path)
         self._run = wandb.init(
             project=project,
-            entity=entity or None,
             name=os.path.basename(os.path.normpath(workdir)),
             id=run_id,
             resume="allow",
