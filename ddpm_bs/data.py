@@ -11,8 +11,13 @@ The whole pipeline is a pure function of `(seed, step)`:
   `np.random.default_rng([seed, e, 1])`'s draw for that epoch, so it too is a pure function
   of (seed, epoch, index).
 
-A `Loader`'s only state is the step of the next batch (`get_state()` / `set_state()`), so a
-run restored from a checkpoint reads exactly the batches the uninterrupted run would have.
+`Pipeline.batch_at(step)` computes this process's batch; a `Loader` runs it through grain
+(a `MapDataset` over the steps, prefetched in a thread or in worker processes). The order is
+this module's rather than grain's `shuffle`, so that epochs can wrap inside a batch, flips
+follow (seed, epoch, index), and a run resumed across the change to grain reads the batches
+it would have read. A `Loader`'s only state is the step of the next batch (`get_state()` /
+`set_state()`), so a run restored from a checkpoint reads exactly the batches the
+uninterrupted run would have, whatever `data.num_workers`.
 
 Sources (all random access, `source[i] -> (uint8 [H, W, C] image, int label)`):
 
