@@ -48,7 +48,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import default  # noqa: E402
-from ddpm_bs import inception, sampling, train  # noqa: E402
+from ddpm_bs import inception, sampling, schedules, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10_adm.py", "Config file.")
 _BATCH = flags.DEFINE_integer("batch", 1000, "Images per sampling call (global, all devices).")
@@ -73,15 +73,15 @@ _PROFILE_DIR = flags.DEFINE_string(
 NUM_FID_SAMPLES = 50_000
 
 
-def nfe(method: str, num_timesteps: int, schedule: str, steps: int) -> int:
+def nfe(method: str, schedule: schedules.Schedule, steps: int) -> int:
     """U-Net evaluations per image of `method` with `steps`."""
     if method in ("ddim", "ddpm"):
-        return len(sampling.space_timesteps(num_timesteps, steps))
+        return len(sampling.space_timesteps(schedule.num_timesteps, steps))
     if method == "dpm_solver":
-        return sampling.dpm_solver_plan(schedule, num_timesteps, steps).nfe
+        return sampling.dpm_solver_plan(schedule, steps).nfe
     if method == "dpm_solver++":
-        return sampling.dpm_solver_pp_plan(schedule, num_timesteps, steps).nfe
-    return sampling.edm_plan(schedule, num_timesteps, steps, solver=method[4:]).nfe
+        return sampling.dpm_solver_pp_plan(schedule, steps).nfe
+    return sampling.edm_plan(schedule, steps, solver=method[4:]).nfe
 
 
 def bench_samplers(
@@ -90,7 +90,7 @@ def bench_samplers(
     """Prints one JSON line per (method, steps): the config's U-Net with fresh params."""
     trainer = train.Trainer(config)
     params = trainer.init().params
-    model, d = trainer.model, config.diffusion
+    model = trainer.model
     y = None
     if config.model.num_classes:
         y = jnp.arange(batch, dtype=jnp.int32) % config.model.num_classes
@@ -104,8 +104,7 @@ def bench_samplers(
             method,
             apply_fn,
             trainer.mesh,
-            d.schedule,
-            d.num_timesteps,
+            trainer.schedule,
             (batch, *trainer.image_shape),
             steps=steps,
             target=config.loss.target,
@@ -128,7 +127,7 @@ def bench_samplers(
             "config": name,
             "method": method,
             "steps": steps,
-            "nfe": nfe(method, d.num_timesteps, d.schedule, steps),
+            "nfe": nfe(method, trainer.schedule, steps),
             "batch": batch,
             "dtype": config.model.dtype,
             "devices": jax.device_count(),

@@ -96,11 +96,10 @@ class Respacing:
     timestep_map: np.ndarray  # [N] int32: original timestep of each respaced index.
 
 
-def respace(schedule_name: str, num_timesteps: int, section_counts: str | int) -> Respacing:
-    kept = space_timesteps(num_timesteps, section_counts)
-    return Respacing(
-        schedules.respaced(schedule_name, num_timesteps, kept), np.asarray(kept, np.int32)
-    )
+def respace(schedule: schedules.Schedule, section_counts: str | int) -> Respacing:
+    """`schedule` on guided-diffusion's respaced grid (`space_timesteps`)."""
+    kept = space_timesteps(schedule.num_timesteps, section_counts)
+    return Respacing(schedules.respaced(schedule, kept), np.asarray(kept, np.int32))
 
 
 # --- DDIM and DDPM (respaced, optionally stochastic) -------------------------------------------
@@ -108,8 +107,7 @@ def respace(schedule_name: str, num_timesteps: int, section_counts: str | int) -
 
 def ddim_sample(
     model_fn: ModelFn,
-    schedule_name: str,
-    num_timesteps: int,
+    schedule: schedules.Schedule,
     shape: tuple[int, ...],
     key: jax.Array,
     *,
@@ -136,8 +134,9 @@ def ddim_sample(
         `sharded_sampler`).
     Returns x0 samples of `shape` in float32.
     """
+    num_timesteps = schedule.num_timesteps
     _check_steps(steps, num_timesteps)
-    sp = respace(schedule_name, num_timesteps, steps)
+    sp = respace(schedule, steps)
     s = sp.schedule
 
     def step(x, i, t, out, noise):
@@ -160,8 +159,7 @@ def ddim_sample(
 
 def ddpm_sample(
     model_fn: ModelFn,
-    schedule_name: str,
-    num_timesteps: int,
+    schedule: schedules.Schedule,
     shape: tuple[int, ...],
     key: jax.Array,
     *,
@@ -179,9 +177,10 @@ def ddpm_sample(
     `eps_scale`, `y` and `batch_sharding` as in `ddim_sample`; with Epsilon Scaling only the
     mean channels are rescaled (a learned variance is left as the model gave it).
     """
+    num_timesteps = schedule.num_timesteps
     steps = num_timesteps if steps is None else steps
     _check_steps(steps, num_timesteps)
-    sp = respace(schedule_name, num_timesteps, steps)
+    sp = respace(schedule, steps)
     s = sp.schedule
 
     def step(x, i, t, out, noise):
@@ -321,9 +320,9 @@ class _Rows:
         )
 
 
-def _vp_arrays(schedule_name: str, num_timesteps: int):
+def _vp_arrays(schedule: schedules.Schedule):
     """float64 α_t = √ᾱ_t, σ_t = √(1−ᾱ_t) and λ_t = log(α_t/σ_t) on the T grid."""
-    ac = np.cumprod(1.0 - schedules.betas64(schedule_name, num_timesteps))
+    ac = schedules.alphas_cumprod64(schedule)
     alpha, sigma = np.sqrt(ac), np.sqrt(1.0 - ac)
     return alpha, sigma, np.log(alpha) - np.log(sigma)
 
@@ -381,8 +380,7 @@ def _time_points(lam, num_timesteps: int, count: int, skip_type: str) -> np.ndar
 
 
 def dpm_solver_plan(
-    schedule_name: str,
-    num_timesteps: int,
+    schedule: schedules.Schedule,
     steps: int = 20,
     *,
     order: int = 3,
@@ -407,10 +405,11 @@ def dpm_solver_plan(
     guided-diffusion grid of `steps` points (so order 1 is DDIM on the same grid exactly);
     'logSNR' spaces them uniformly in λ.
     """
+    num_timesteps = schedule.num_timesteps
     _check_steps(steps, num_timesteps, minimum=2)
     _check_choice("order", order, (1, 2, 3))
     _check_choice("skip_type", skip_type, SKIP_TYPES)
-    alpha, sigma, lam = _vp_arrays(schedule_name, num_timesteps)
+    alpha, sigma, lam = _vp_arrays(schedule)
     orders = _singlestep_orders(steps - 1, order)
     if skip_type == "time_uniform":
         fine = np.asarray(space_timesteps(num_timesteps, steps))[::-1]
@@ -455,8 +454,7 @@ def dpm_solver_plan(
 
 
 def dpm_solver_pp_plan(
-    schedule_name: str,
-    num_timesteps: int,
+    schedule: schedules.Schedule,
     steps: int = 25,
     *,
     order: int = 2,
@@ -473,10 +471,11 @@ def dpm_solver_pp_plan(
     'time_uniform', the same points DDIM uses), the last one giving x̂0 at t = 0.
     `order=1` is DDIM in data-prediction form.
     """
+    num_timesteps = schedule.num_timesteps
     _check_steps(steps, num_timesteps, minimum=2)
     _check_choice("order", order, (1, 2))
     _check_choice("skip_type", skip_type, SKIP_TYPES)
-    alpha, sigma, lam = _vp_arrays(schedule_name, num_timesteps)
+    alpha, sigma, lam = _vp_arrays(schedule)
     points = _time_points(lam, num_timesteps, steps, skip_type)
     num_ode = len(points) - 1
     rows = _Rows()
@@ -500,8 +499,7 @@ def dpm_solver_pp_plan(
 
 
 def edm_plan(
-    schedule_name: str,
-    num_timesteps: int,
+    schedule: schedules.Schedule,
     steps: int = 18,
     *,
     solver: str = "heun",
@@ -520,9 +518,10 @@ def edm_plan(
       Heun:   x' as Euler, x_{i+1} = x_i + (σ_{i+1} − σ_i)(d_i + d')/2 while σ_{i+1} > 0.
     Evaluations: N levels (Euler) or 2N − 1 (Heun), N ≤ `steps` after rounding.
     """
+    num_timesteps = schedule.num_timesteps
     _check_steps(steps, num_timesteps)
     _check_choice("solver", solver, ("euler", "heun"))
-    alpha, sigma, lam = _vp_arrays(schedule_name, num_timesteps)
+    alpha, sigma, lam = _vp_arrays(schedule)
     grid = sigma / alpha
     lo, hi = max(sigma_min, grid[0]), min(sigma_max, grid[-1])
     if not lo < hi:
@@ -573,8 +572,7 @@ def edm_ladder_plan(
 def run_plan(
     plan: SolverPlan,
     model_fn: ModelFn,
-    schedule_name: str,
-    num_timesteps: int,
+    schedule: schedules.Schedule,
     shape: tuple[int, ...],
     key: jax.Array,
     *,
@@ -588,7 +586,6 @@ def run_plan(
 
     `clip_denoised` clips x̂0 to [−1, 1] (and re-derives ε̂ from it), as DDIM does.
     """
-    schedule = schedules.get_schedule(schedule_name, num_timesteps)
     init_key, _ = jax.random.split(key)  # the same x_T as ddim_sample for the same key
     x = jax.random.normal(init_key, shape, jnp.float32) * jnp.float32(plan.init_scale)
     x = _constrain(x, batch_sharding)
@@ -680,8 +677,7 @@ def _plan_update(carry, row, pred: jax.Array) -> tuple[jax.Array, tuple[jax.Arra
 
 def dpm_solver_sample(
     model_fn: ModelFn,
-    schedule_name: str,
-    num_timesteps: int,
+    schedule: schedules.Schedule,
     shape: tuple[int, ...],
     key: jax.Array,
     *,
@@ -691,14 +687,13 @@ def dpm_solver_sample(
     **kwargs,
 ) -> jax.Array:
     """Singlestep DPM-Solver (see `dpm_solver_plan`); kwargs as `run_plan`."""
-    plan = dpm_solver_plan(schedule_name, num_timesteps, steps, order=order, skip_type=skip_type)
-    return run_plan(plan, model_fn, schedule_name, num_timesteps, shape, key, **kwargs)
+    plan = dpm_solver_plan(schedule, steps, order=order, skip_type=skip_type)
+    return run_plan(plan, model_fn, schedule, shape, key, **kwargs)
 
 
 def dpm_solver_pp_sample(
     model_fn: ModelFn,
-    schedule_name: str,
-    num_timesteps: int,
+    schedule: schedules.Schedule,
     shape: tuple[int, ...],
     key: jax.Array,
     *,
@@ -710,20 +705,18 @@ def dpm_solver_pp_sample(
 ) -> jax.Array:
     """Multistep DPM-Solver++(2M) (see `dpm_solver_pp_plan`); kwargs as `run_plan`."""
     plan = dpm_solver_pp_plan(
-        schedule_name,
-        num_timesteps,
+        schedule,
         steps,
         order=order,
         skip_type=skip_type,
         lower_order_final=lower_order_final,
     )
-    return run_plan(plan, model_fn, schedule_name, num_timesteps, shape, key, **kwargs)
+    return run_plan(plan, model_fn, schedule, shape, key, **kwargs)
 
 
 def edm_sample(
     model_fn: ModelFn,
-    schedule_name: str,
-    num_timesteps: int,
+    schedule: schedules.Schedule,
     shape: tuple[int, ...],
     key: jax.Array,
     *,
@@ -736,15 +729,14 @@ def edm_sample(
 ) -> jax.Array:
     """EDM Euler or Heun through the VP→VE conversion (see `edm_plan`); kwargs as `run_plan`."""
     plan = edm_plan(
-        schedule_name,
-        num_timesteps,
+        schedule,
         steps,
         solver=solver,
         sigma_min=sigma_min,
         sigma_max=sigma_max,
         rho=rho,
     )
-    return run_plan(plan, model_fn, schedule_name, num_timesteps, shape, key, **kwargs)
+    return run_plan(plan, model_fn, schedule, shape, key, **kwargs)
 
 
 # --- One entry point, and sharding -------------------------------------------------------------
@@ -753,8 +745,7 @@ def edm_sample(
 def sample(
     method: str,
     model_fn: ModelFn,
-    schedule_name: str,
-    num_timesteps: int,
+    schedule: schedules.Schedule,
     shape: tuple[int, ...],
     key: jax.Array,
     **opts: Any,
@@ -776,15 +767,14 @@ def sample(
     }
     if method not in samplers:
         raise ValueError(f"method={method!r} is unknown; valid methods: {', '.join(METHODS)}.")
-    return samplers[method](model_fn, schedule_name, num_timesteps, shape, key, **opts)
+    return samplers[method](model_fn, schedule, shape, key, **opts)
 
 
 def sharded_sampler(
     method: str,
     apply_fn: Callable[..., jax.Array],
     mesh: Mesh,
-    schedule_name: str,
-    num_timesteps: int,
+    schedule: schedules.Schedule,
     shape: tuple[int, ...],
     *,
     axis: str = "data",
@@ -816,8 +806,7 @@ def sharded_sampler(
         return sample(
             method,
             model_fn,
-            schedule_name,
-            num_timesteps,
+            schedule,
             shape,
             key,
             y=y,
@@ -917,8 +906,7 @@ def draw_images(
         spec.method,
         model,
         mesh,
-        schedule.name,
-        schedule.num_timesteps,
+        (schedule.name, schedule.betas64),
         (batch, *image_shape),
         tuple(sorted(spec.options(target=target, learn_sigma=learn_sigma).items())),
     )
@@ -938,15 +926,16 @@ def draw_images(
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_sampler(method, model, mesh, schedule_name, num_timesteps, shape, opts):
-    """One `sharded_sampler` per (model, mesh, shape, options): grids and evaluations reuse it."""
+def _compiled_sampler(method, model, mesh, schedule_key, shape, opts):
+    """One `sharded_sampler` per (model, mesh, schedule, shape, options), reused by grids and
+    evaluations. `schedule_key` is (name, float64 β): a Schedule's arrays are not hashable."""
+    name, betas = schedule_key
 
     def apply_fn(params, x, t, *y):
         return model.apply({"params": params}, x, t, *y, train=False)
 
-    return sharded_sampler(
-        method, apply_fn, mesh, schedule_name, num_timesteps, shape, **dict(opts)
-    )
+    schedule = schedules.schedule_from_betas(np.asarray(betas), name)
+    return sharded_sampler(method, apply_fn, mesh, schedule, shape, **dict(opts))
 
 
 # --- Images ------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ class Schedule:
     snr: jax.Array  # ᾱ_t / (1−ᾱ_t)
     sigmas: jax.Array  # VE noise level σ_t = √((1−ᾱ_t)/ᾱ_t)
     name: str = flax.struct.field(pytree_node=False, default="custom")
+    # β in float64, for what needs more than float32 (respacing, the samplers' coefficients).
+    betas64: tuple[float, ...] = flax.struct.field(pytree_node=False, default=())
 
     @property
     def num_timesteps(self) -> int:
@@ -105,7 +107,17 @@ def schedule_from_betas(betas: np.ndarray, name: str = "custom") -> Schedule:
         snr=ac / (1.0 - ac),
         sigmas=sigmas,
     )
-    return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in arrays.items()}, name=name)
+    return Schedule(
+        **{k: jnp.asarray(v, dtype=jnp.float32) for k, v in arrays.items()},
+        name=name,
+        betas64=tuple(betas.tolist()),
+    )
+
+
+def alphas_cumprod64(schedule: Schedule) -> np.ndarray:
+    """ᾱ_t of `schedule` in float64 [T], from the β it was built from."""
+    betas = schedule.betas64 or np.asarray(schedule.betas, np.float64)
+    return np.cumprod(1.0 - np.asarray(betas, np.float64))
 
 
 def betas64(name: str, num_timesteps: int) -> np.ndarray:
@@ -156,19 +168,20 @@ def get_schedule(name: str, num_timesteps: int) -> Schedule:
     return schedule_from_betas(betas64(name, num_timesteps), name)
 
 
-def respaced(name: str, num_timesteps: int, use_timesteps) -> Schedule:
-    """The schedule restricted to the sorted timesteps `use_timesteps` (improved-DDPM §4).
+def respaced(schedule: Schedule, use_timesteps) -> Schedule:
+    """`schedule` restricted to the sorted timesteps `use_timesteps` (improved-DDPM §4).
 
     Keeps ᾱ at the kept steps and sets β_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}}, all in float64.
     """
+    num_timesteps = schedule.num_timesteps
     keep = np.asarray(sorted(set(int(k) for k in use_timesteps)))
     if keep.size == 0 or keep[0] < 0 or keep[-1] >= num_timesteps:
         raise ValueError(
             f"use_timesteps must be a non-empty subset of [0, {num_timesteps}), got {use_timesteps}."
         )
-    ac = np.cumprod(1.0 - betas64(name, num_timesteps))[keep]
+    ac = alphas_cumprod64(schedule)[keep]
     betas = 1.0 - ac / np.append(1.0, ac[:-1])
-    return schedule_from_betas(betas, f"{name}-respaced{keep.size}")
+    return schedule_from_betas(betas, f"{schedule.name}-respaced{keep.size}")
 
 
 def edm_sigmas(

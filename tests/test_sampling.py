@@ -9,6 +9,9 @@ import pytest
 
 from ddpm_bs import sampling, schedules
 
+LINEAR = schedules.get_schedule("linear", 1000)
+COSINE = schedules.get_schedule("cosine", 1000)
+
 
 def _guided_diffusion_space_timesteps(num_timesteps, section_counts):
     """guided-diffusion's respacing rule, written out from its description for comparison."""
@@ -47,9 +50,9 @@ def test_space_timesteps_examples():
 
 
 def test_respaced_schedule_keeps_alphas_cumprod():
-    full = schedules.get_schedule("linear", 1000)
+    full = LINEAR
     kept = sampling.space_timesteps(1000, "ddim50")
-    sp = sampling.respace("linear", 1000, "ddim50")
+    sp = sampling.respace(LINEAR, "ddim50")
     np.testing.assert_allclose(
         sp.schedule.alphas_cumprod, full.alphas_cumprod[np.array(kept)], rtol=1e-5
     )
@@ -71,13 +74,13 @@ def _two_point_eps_model(schedule, a):
 @pytest.mark.parametrize("method", ["ddim", "ddpm"])
 def test_samplers_with_the_exact_denoiser_land_on_the_data(method):
     a, n = 0.5, 2000
-    schedule = schedules.get_schedule("cosine", 1000)
+    schedule = COSINE
     model_fn = _two_point_eps_model(schedule, a)
     shape = (n, 1, 1, 1)
     if method == "ddim":
-        x = sampling.ddim_sample(model_fn, "cosine", 1000, shape, jax.random.key(0), steps=50)
+        x = sampling.ddim_sample(model_fn, COSINE, shape, jax.random.key(0), steps=50)
     else:
-        x = sampling.ddpm_sample(model_fn, "cosine", 1000, shape, jax.random.key(0), steps=100)
+        x = sampling.ddpm_sample(model_fn, COSINE, shape, jax.random.key(0), steps=100)
     x = np.asarray(x).ravel()
     assert np.all(np.abs(np.abs(x) - a) < 0.02)  # every sample sits on a data point
     frac = np.mean(x > 0)
@@ -126,7 +129,9 @@ def _exact_map(schedule_name, method, steps, x_init):
     ac = np.cumprod(1 - schedules.betas64(schedule_name, 1000))
     a0 = ac[0]
     if method.startswith("edm"):
-        plan = sampling.edm_plan(schedule_name, 1000, steps, solver=method[4:])
+        plan = sampling.edm_plan(
+            schedules.get_schedule(schedule_name, 1000), steps, solver=method[4:]
+        )
         grid = np.sqrt((1 - ac) / ac)
         s_hi, s_lo = plan.init_scale, grid[plan.timesteps[-1]]
         x = s_hi * x_init
@@ -164,13 +169,13 @@ CONVERGENCE = [
     "method,opts,steps,ratio,finest", CONVERGENCE, ids=[f"{c[0]}-{c[1]}" for c in CONVERGENCE]
 )
 def test_ode_samplers_converge_to_the_exact_flow_at_their_order(method, opts, steps, ratio, finest):
-    schedule = schedules.get_schedule("linear", 1000)
+    schedule = LINEAR
     model_fn = _gaussian_model(schedule)
     shape, key = (32, 1, 1, 1), jax.random.key(0)
     x_init = np.asarray(jax.random.normal(jax.random.split(key)[0], shape), np.float64)
     errors = []
     for n in steps:
-        x = sampling.sample(method, model_fn, "linear", 1000, shape, key, steps=n, **opts)
+        x = sampling.sample(method, model_fn, LINEAR, shape, key, steps=n, **opts)
         errors.append(
             np.max(np.abs(np.asarray(x, np.float64) - _exact_map("linear", method, n, x_init)))
         )
@@ -181,13 +186,13 @@ def test_ode_samplers_converge_to_the_exact_flow_at_their_order(method, opts, st
 
 @pytest.mark.parametrize("clip", [False, True])
 def test_dpm_solver_1_and_dpm_solver_pp_1_are_ddim_on_the_same_grid(clip):
-    schedule = schedules.get_schedule("cosine", 1000)
+    schedule = COSINE
     model_fn = _two_point_eps_model(schedule, 0.5)
     shape, key = (16, 2, 2, 1), jax.random.key(3)
-    ddim = sampling.ddim_sample(model_fn, "cosine", 1000, shape, key, steps=20, clip_denoised=clip)
+    ddim = sampling.ddim_sample(model_fn, COSINE, shape, key, steps=20, clip_denoised=clip)
     for method in ("dpm_solver", "dpm_solver++"):
         x = sampling.sample(
-            method, model_fn, "cosine", 1000, shape, key, steps=20, order=1, clip_denoised=clip
+            method, model_fn, COSINE, shape, key, steps=20, order=1, clip_denoised=clip
         )
         np.testing.assert_allclose(x, ddim, atol=2e-5, err_msg=method)
 
@@ -204,9 +209,9 @@ def test_dpm_solver_1_and_dpm_solver_pp_1_are_ddim_on_the_same_grid(clip):
 )
 def test_fast_samplers_with_the_exact_denoiser_land_on_the_data(method, opts):
     a, n = 0.5, 2000
-    schedule = schedules.get_schedule("cosine", 1000)
+    schedule = COSINE
     model_fn = _two_point_eps_model(schedule, a)
-    x = sampling.sample(method, model_fn, "cosine", 1000, (n, 1, 1, 1), jax.random.key(0), **opts)
+    x = sampling.sample(method, model_fn, COSINE, (n, 1, 1, 1), jax.random.key(0), **opts)
     x = np.asarray(x).ravel()
     assert np.all(np.abs(np.abs(x) - a) < 0.02)
     assert abs(np.mean(x > 0) - 0.5) < 4 * np.sqrt(0.25 / n)
@@ -215,13 +220,12 @@ def test_fast_samplers_with_the_exact_denoiser_land_on_the_data(method, opts):
 @pytest.mark.parametrize("method", ["ddim", "dpm_solver", "dpm_solver++", "edm_heun"])
 @pytest.mark.parametrize("target", ["x0", "v"])
 def test_targets_and_learned_sigma_give_the_eps_model_samples(method, target):
-    schedule = schedules.get_schedule("linear", 1000)
+    schedule = LINEAR
     model_fn = _gaussian_model(schedule, target, learn_sigma=True)
     x = sampling.sample(
         method,
         model_fn,
-        "linear",
-        1000,
+        LINEAR,
         (8, 1, 1, 1),
         jax.random.key(1),
         steps=10,
@@ -233,21 +237,21 @@ def test_targets_and_learned_sigma_give_the_eps_model_samples(method, target):
 
 @functools.cache
 def _eps_model_samples(method):
-    model_fn = _gaussian_model(schedules.get_schedule("linear", 1000))
-    x = sampling.sample(method, model_fn, "linear", 1000, (8, 1, 1, 1), jax.random.key(1), steps=10)
+    model_fn = _gaussian_model(LINEAR)
+    x = sampling.sample(method, model_fn, LINEAR, (8, 1, 1, 1), jax.random.key(1), steps=10)
     return np.asarray(x)
 
 
 @pytest.mark.parametrize("method", sampling.METHODS)
 def test_class_labels_reach_the_model(method):
-    schedule = schedules.get_schedule("linear", 1000)
+    schedule = LINEAR
     means = jnp.array([-0.5, 0.0, 0.5])
     model_fn = _gaussian_model(schedule, mu=means)
     y = jnp.arange(12, dtype=jnp.int32) % 3
     shape, key = (12, 1, 1, 1), jax.random.key(2)
-    x = sampling.sample(method, model_fn, "linear", 1000, shape, key, steps=8, y=y)
+    x = sampling.sample(method, model_fn, LINEAR, shape, key, steps=8, y=y)
     closure = lambda x, t: model_fn(x, t, y)
-    ref = sampling.sample(method, closure, "linear", 1000, shape, key, steps=8)
+    ref = sampling.sample(method, closure, LINEAR, shape, key, steps=8)
     np.testing.assert_array_equal(x, ref)
     x = np.asarray(x).ravel()
     assert x[y == 0].mean() < x[y == 1].mean() < x[y == 2].mean()  # each class its own mean
@@ -258,11 +262,11 @@ def test_class_labels_reach_the_model(method):
 
 @pytest.mark.parametrize("method", ["ddim", "ddpm"])
 def test_eps_scaling_off_is_the_plain_sampler(method):
-    schedule = schedules.get_schedule("cosine", 1000)
+    schedule = COSINE
     model_fn = _two_point_eps_model(schedule, 0.5)
     shape, key = (8, 2, 2, 1), jax.random.key(0)
-    plain = sampling.sample(method, model_fn, "cosine", 1000, shape, key, steps=10)
-    off = sampling.sample(method, model_fn, "cosine", 1000, shape, key, steps=10, eps_scale=(0, 1))
+    plain = sampling.sample(method, model_fn, COSINE, shape, key, steps=10)
+    off = sampling.sample(method, model_fn, COSINE, shape, key, steps=10, eps_scale=(0, 1))
     np.testing.assert_array_equal(off, plain)
 
 
@@ -272,7 +276,7 @@ def test_eps_scaling_divides_eps_by_k_i_plus_b_in_one_ddim_step():
     model_fn = lambda x, t: jnp.full_like(x, c)
     shape, key = (4, 1, 1, 1), jax.random.key(0)
     x = sampling.ddim_sample(
-        model_fn, "linear", 1000, shape, key, steps=2, clip_denoised=False, eps_scale=(k, b)
+        model_fn, LINEAR, shape, key, steps=2, clip_denoised=False, eps_scale=(k, b)
     )
     ac = np.cumprod(1 - schedules.betas64("linear", 1000))
     xt = np.asarray(jax.random.normal(jax.random.split(key)[0], shape), np.float64)
@@ -289,7 +293,7 @@ def test_eps_scaling_divides_eps_by_k_i_plus_b_in_one_ddim_step():
 )
 def test_eps_scaling_is_the_sampler_with_eps_divided_by_lambda_i(method, target):
     """ES(k, b) equals the plain sampler on a model whose ε̂ is divided by k·i + b per step."""
-    schedule = schedules.get_schedule("cosine", 1000)
+    schedule = COSINE
     k, b, steps = 0.004, 1.01, 10
     kept = jnp.asarray(sampling.space_timesteps(1000, steps))
     base = _gaussian_model(schedule)
@@ -311,10 +315,8 @@ def test_eps_scaling_is_the_sampler_with_eps_divided_by_lambda_i(method, target)
 
     shape, key = (16, 1, 1, 1), jax.random.key(5)
     common = dict(steps=steps, target=target, learn_sigma=learn_sigma, clip_denoised=False)
-    x = sampling.sample(
-        method, as_target(base), "cosine", 1000, shape, key, eps_scale=(k, b), **common
-    )
-    ref = sampling.sample(method, as_target(scaled_eps), "cosine", 1000, shape, key, **common)
+    x = sampling.sample(method, as_target(base), COSINE, shape, key, eps_scale=(k, b), **common)
+    ref = sampling.sample(method, as_target(scaled_eps), COSINE, shape, key, **common)
     np.testing.assert_allclose(x, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -323,20 +325,20 @@ def test_eps_scaling_is_the_sampler_with_eps_divided_by_lambda_i(method, target)
 
 def test_plans_count_evaluations_and_use_the_ddim_grid():
     ddim_grid = sampling.space_timesteps(1000, 25)[::-1]
-    pp = sampling.dpm_solver_pp_plan("cosine", 1000, 25)
+    pp = sampling.dpm_solver_pp_plan(COSINE, 25)
     assert pp.nfe == 25 and pp.timesteps.tolist() == ddim_grid
-    one = sampling.dpm_solver_plan("cosine", 1000, 25, order=1)
+    one = sampling.dpm_solver_plan(COSINE, 25, order=1)
     assert one.timesteps.tolist() == ddim_grid
     for order in (2, 3):
-        plan = sampling.dpm_solver_plan("linear", 1000, 20, order=order)
+        plan = sampling.dpm_solver_plan(LINEAR, 20, order=order)
         assert plan.nfe == 20 and plan.timesteps[0] == 999 and plan.timesteps[-1] == 0
         assert np.all(np.diff(plan.timesteps) < 0)  # s > s1 > s2 > t, then x̂0 at 0
-    heun = sampling.edm_plan("linear", 1000, 18)
+    heun = sampling.edm_plan(LINEAR, 18)
     assert heun.nfe == 2 * 18 - 1 and heun.timesteps[-1] == 0
-    euler = sampling.edm_plan("linear", 1000, 18, solver="euler")
+    euler = sampling.edm_plan(LINEAR, 18, solver="euler")
     assert euler.nfe == 18
     # The ladder is rounded with the rule of schedules.sigma_to_timestep (nearest in log σ).
-    schedule = schedules.get_schedule("linear", 1000)
+    schedule = LINEAR
     ladder = schedules.edm_sigmas(18, float(schedule.sigmas[0]), 80.0, append_zero=False)
     np.testing.assert_array_equal(
         euler.timesteps, np.asarray(schedules.sigma_to_timestep(schedule, jnp.asarray(ladder)))
@@ -346,7 +348,7 @@ def test_plans_count_evaluations_and_use_the_ddim_grid():
 @pytest.mark.parametrize("method", ["ddpm", "dpm_solver++", "edm_heun"])
 def test_sharded_sampling_on_8_devices_equals_one_device(method):
     assert jax.device_count() == 8
-    schedule = schedules.get_schedule("linear", 1000)
+    schedule = LINEAR
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
     params = {"mu": jnp.float32(0.2)}
 
@@ -355,7 +357,7 @@ def test_sharded_sampling_on_8_devices_equals_one_device(method):
         return jnp.sqrt(1 - a_t) * (x - jnp.sqrt(a_t) * params["mu"]) / (a_t * S**2 + 1 - a_t)
 
     shape, key, steps = (16, 2, 2, 1), jax.random.key(4), 6
-    fn = sampling.sharded_sampler(method, apply_fn, mesh, "linear", 1000, shape, steps=steps)
+    fn = sampling.sharded_sampler(method, apply_fn, mesh, LINEAR, shape, steps=steps)
     compiled = fn.lower(params, key).compile()
     # Inside the loop each device works on its 2 of the 16 samples.
     assert "f32[2,2,2,1]" in compiled.as_text() and "f32[16,2,2,1]" not in compiled.as_text()
@@ -364,7 +366,7 @@ def test_sharded_sampling_on_8_devices_equals_one_device(method):
     assert len(x.sharding.device_set) == 8 and x.addressable_shards[0].data.shape == (2, 2, 2, 1)
     ref = jax.jit(
         lambda p, k: sampling.sample(
-            method, lambda x, t: apply_fn(p, x, t), "linear", 1000, shape, k, steps=steps
+            method, lambda x, t: apply_fn(p, x, t), LINEAR, shape, k, steps=steps
         )
     )(jax.device_put(params, jax.devices()[0]), jax.device_put(key, jax.devices()[0]))
     assert len(ref.sharding.device_set) == 1
@@ -373,7 +375,7 @@ def test_sharded_sampling_on_8_devices_equals_one_device(method):
 
 def test_bad_arguments_name_themselves():
     model_fn = lambda x, t: x
-    args = (model_fn, "linear", 1000, (2, 1, 1, 1), jax.random.key(0))
+    args = (model_fn, LINEAR, (2, 1, 1, 1), jax.random.key(0))
     with pytest.raises(ValueError, match=r"method='dpm'.*ddpm, ddim, dpm_solver, dpm_solver\+\+"):
         sampling.sample("dpm", *args)
     for method in sampling.METHODS:
@@ -393,4 +395,4 @@ def test_bad_arguments_name_themselves():
         sampling.sample("edm_heun", *args, sigma_min=200.0, sigma_max=300.0)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
     with pytest.raises(ValueError, match=r"shape\[0\]=12"):
-        sampling.sharded_sampler("ddim", lambda p, x, t: x, mesh, "linear", 1000, (12, 1, 1, 1))
+        sampling.sharded_sampler("ddim", lambda p, x, t: x, mesh, LINEAR, (12, 1, 1, 1))

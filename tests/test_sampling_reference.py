@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_bs import sampling
+from ddpm_bs import sampling, schedules
 
 T, M, S = 1000, 0.3, 0.2
 BETAS = np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T)  # DDPM's linear schedule
@@ -71,9 +71,8 @@ def test_gaussian_data_with_the_exact_model_gives_the_recursion_moments(case):
         lambda key: sampling.sample(
             method,
             exact_eps,
-            "linear",
-            T,
-            SHAPE,
+            schedules.get_schedule("linear", T),
+            shape,
             key,
             steps=steps or T,
             clip_denoised=False,

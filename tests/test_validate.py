@@ -1,6 +1,5 @@
 """validate_config: every shipped config passes; each bad field fails on one line that names it."""
 
-import dataclasses
 import importlib
 import inspect
 import os
@@ -13,7 +12,7 @@ import ml_collections
 import pytest
 
 from configs import default
-from ddpm_bs import evaluation, interval, sampling, timesteps, validate
+from ddpm_bs import evaluation, sampling, timesteps, validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_DEVICES = 8  # conftest's fake CPU devices
