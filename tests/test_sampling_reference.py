@@ -80,9 +80,10 @@ def test_gaussian_data_with_the_exact_model_gives_the_recursion_moments(case):
         )
     )
     x = np.asarray(fn(jax.random.key(7)), np.float64).ravel()
-    # Standard errors of N Gaussian draws: √(v/N) for the mean, v·√(2/N) for the variance
-    # (0.4 % of v at 131,072 pixels); 4.5 of them leave a chance below 1e-5 of a false failure per check,
-    # while the variance ablations move it by 3.7 % (η = 0 vs 0.5) to 97 % (σ² for σ).
+    # Standard errors of n Gaussian draws: √(v/n) for the mean, v·√(2/n) for the variance
+    # (0.4 % of v at 131,072 pixels); 4.5 of them leave a chance below 1e-5 of a false
+    # failure per check, while the variance ablations move it by 3.7 % (η = 0 vs 0.5) to
+    # 97 % (σ² for σ).
     assert abs(x.mean() - mean) < 4.5 * np.sqrt(var / n), (x.mean(), mean)
     assert abs(x.var() - var) < 4.5 * var * np.sqrt(2 / n), (x.var(), var)
 
