@@ -43,6 +43,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from configs import default  # noqa: E402
 from ddpm_bs import train  # noqa: E402
+from ddpm_bs.models import layers  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10_adm.py", "Config file.")
 _PEER = flags.DEFINE_string(
@@ -54,6 +55,12 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Alternating timed repeats of each step.")
 _THREADS = flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads for the peer.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny config, 1 step, 1 repeat (what the test runs).")
+_AB_CONV = flags.DEFINE_bool(
+    "ab_conv",
+    False,
+    "Also time ddpm_bs with plain lax convolutions (impl 'ddpm_bs_lax_conv'), interleaved: "
+    "the A/B of layers.conv_general_dilated's CPU kernel gradient.",
+)
 
 # Issue 21's side-by-side configuration; the rest (cosine, T=1000, learned σ, AdaGN,
 # resblock_updown, float32) is configs/cifar10_adm.py's.
@@ -208,6 +215,14 @@ def main(argv):
     common["config"] = "adm_7m" if _SMALL.value else "config"
     common["config"] += "(smoke)" if _SMOKE.value else ""
     step_ours, params_ours, compile_s = ours(config, image)
+    step_lax = None
+    if _AB_CONV.value:
+        faster_conv = layers.conv_general_dilated
+        layers.conv_general_dilated = jax.lax.conv_general_dilated  # traced in ours()
+        try:
+            step_lax, _, compile_lax_s = ours(config, image)
+        finally:
+            layers.conv_general_dilated = faster_conv
     got = peer(config, image, _PEER.value)
     if isinstance(got, str):
         print(f"peer_torch: skipping guided-diffusion: {got}", file=sys.stderr, flush=True)
@@ -216,11 +231,14 @@ def main(argv):
         step_peer, params_peer, torch_version = got
 
     step_ours()  # warm-up
-    if step_peer:
-        step_peer()
-    times_ours, times_peer = [], []
+    for step in (step_lax, step_peer):
+        if step:
+            step()
+    times_ours, times_lax, times_peer = [], [], []
     for _ in range(repeats):
         times_ours.append(timed(step_ours, steps))
+        if step_lax:
+            times_lax.append(timed(step_lax, steps))
         if step_peer:
             times_peer.append(timed(step_peer, steps))
 
@@ -229,6 +247,16 @@ def main(argv):
     record = {**common, "impl": "ddpm_bs", **summary(times_ours, b), "params": params_ours}
     record.update(compile_s=round(compile_s, 1), device=kind, jax=jax.__version__)
     print(json.dumps(record), flush=True)
+    if step_lax:
+        record = {**common, "impl": "ddpm_bs_lax_conv", **summary(times_lax, b)}
+        record["compile_s"] = round(compile_lax_s, 1)
+        record["speedup_of_ddpm_bs"] = round(
+            statistics.median(times_lax) / statistics.median(times_ours), 3
+        )
+        record["pair_speedups"] = sorted(
+            round(a / o, 3) for o, a in zip(times_ours, times_lax, strict=True)
+        )
+        print(json.dumps(record), flush=True)
     if not step_peer:
         print(json.dumps({**common, "impl": "guided_diffusion", "skipped": got}), flush=True)
         return

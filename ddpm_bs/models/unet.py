@@ -195,6 +195,7 @@ class UNet(nn.Module):
             int(channel_mult[0] * self.model_channels),
             (3, 3),
             padding=((1, 1), (1, 1)),
+            conv_general_dilated=layers.conv_general_dilated,
             kernel_init=layers.torch_default_init,
             name="in_conv",
             **common,
