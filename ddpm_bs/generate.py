@@ -19,12 +19,16 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
+from jax.sharding import Mesh
 
-from ddpm_bs import artifacts, checkpointing, progress, sampling, train
+from ddpm_bs import artifacts, checkpointing, sampling, state
 
 
-def restore_ema_params(trainer: train.Trainer, workdir: str, rate_index: int = 0):
-    """The EMA params (of `train.ema_rates[rate_index]`) of the workdir's latest checkpoint."""
+def restore_ema_params(
+    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None, rate_index: int = 0
+):
+    """The EMA params (of `train.ema_rates[rate_index]`) of the workdir's latest checkpoint, and
+    its step."""
     root = workdir if artifacts.is_remote(workdir) else os.path.abspath(workdir)
     directory = os.path.join(root, "checkpoints")
     if not epath.Path(directory).is_dir():
@@ -32,91 +36,52 @@ def restore_ema_params(trainer: train.Trainer, workdir: str, rate_index: int = 0
             f"--workdir={workdir} has no checkpoints/ to sample from: train there first, or point "
             "--workdir at a run directory."
         )
+    abstract = state.abstract_state_of(config, workdir, mesh)
     ckpt = checkpointing.Checkpoints(workdir, asynchronous=False)
     try:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"{directory} holds no complete checkpoint.")
-        state, _ = ckpt.restore(trainer.abstract_state)
+        restored, _ = ckpt.restore(abstract)
     finally:
         ckpt.close()
-    return state.ema_params[rate_index], int(state.step)
-
-
-def _eps_scale(sc: ml_collections.ConfigDict) -> tuple[float, float] | None:
-    """Epsilon Scaling's (k, b) when sample.method takes it and it is on; else None."""
-    k_b = (sc.eps_scale_k, sc.eps_scale_b)
-    return k_b if sc.method in ("ddim", "ddpm") and k_b != (0.0, 1.0) else None
+    return restored.ema_params[rate_index], int(restored.step)
 
 
 def draw(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarray, np.ndarray, int]:
     """Draws `config.sample.num_samples` images from the workdir's latest EMA params.
 
-    Returns uint8 images [N, H, W, C], int32 labels [N] ([0] when unconditional) and the
-    checkpoint's step; writes nothing.
+    Returns uint8 images [N, H, W, C], int32 labels [N] (empty when unconditional) and the
+    checkpoint's step; writes nothing. The images are drawn as in-training grids and
+    evaluations are (`sampling.draw_images`), from the run's sample key.
     """
-    sc = config.sample
-    if sc.method not in sampling.METHODS:
-        raise ValueError(
-            f"sample.method={sc.method!r} is unknown; valid methods: {', '.join(sampling.METHODS)}."
-        )
-    if sc.num_samples < 1 or sc.batch_size < 1:
-        raise ValueError(
-            f"sample.num_samples={sc.num_samples} and sample.batch_size={sc.batch_size} must be ≥ 1."
-        )
-    trainer = train.Trainer(config)
-    n_data = trainer.mesh.shape["data"]
-    batch = -(-min(sc.batch_size, sc.num_samples) // n_data) * n_data  # round up to the devices
-    params, step = restore_ema_params(trainer, workdir)
-
-    def apply_fn(params, x, t, *y):
-        return trainer.model.apply({"params": params}, x, t, *y, train=False)
-
-    opts = {
-        "steps": sc.steps,
-        "target": config.loss.target,
-        "learn_sigma": config.model.learn_sigma,
-        "clip_denoised": sc.clip_denoised,
-    }
-    if _eps_scale(sc):
-        opts["eps_scale"] = _eps_scale(sc)
-    if sc.method in ("dpm_solver", "dpm_solver++"):
-        opts["skip_type"] = sc.skip_type
-    if sc.method == "ddim":
-        opts["eta"] = sc.eta
-    fn = sampling.sharded_sampler(
-        sc.method,
-        apply_fn,
-        trainer.mesh,
-        config.diffusion.schedule,
-        config.diffusion.num_timesteps,
-        (batch, *trainer.image_shape),
-        **opts,
+    spec = sampling.SampleSpec.from_config(config.sample)
+    mesh = state.build_mesh(config)
+    params, step = restore_ema_params(config, workdir, mesh)
+    images, labels = sampling.draw_images(
+        spec,
+        state.build_model(config),
+        params,
+        mesh,
+        state.build_schedule(config),
+        (config.data.image_size, config.data.image_size, config.data.channels),
+        state.run_keys(config.seed).sample,
+        target=config.loss.target,
+        learn_sigma=config.model.learn_sigma,
+        num_classes=config.model.num_classes,
     )
-    num_classes = config.model.num_classes
-    images, labels = [], []
-    with progress.Progress("sampling", total=sc.num_samples, unit="img") as bar:
-        for chunk in range(-(-sc.num_samples // batch)):
-            key = jax.random.fold_in(trainer.sample_key, chunk)
-            y = None
-            if num_classes:
-                y = jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, num_classes)
-                labels.append(np.asarray(y))
-            images.append(sampling.to_uint8(fn(params, key, y)))
-            bar.update(min(batch, sc.num_samples - chunk * batch))
-    images = np.concatenate(images)[: sc.num_samples]
-    labels = np.concatenate(labels)[: sc.num_samples] if labels else np.zeros((0,), np.int32)
-    return images, labels.astype(np.int32), step
+    return images, labels, step
 
 
 def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Samples `config.sample.num_samples` images; returns the path of the .npz written."""
     sc = config.sample
+    eps_scale = sampling.SampleSpec.from_config(sc).eps_scale
     images, labels, step = draw(config, workdir)
     out_dir = os.path.join(workdir, "samples")
     epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
     name = f"{sc.method}{sc.steps}"
-    if _eps_scale(sc):
-        name += "_es{:g}_{:g}".format(*_eps_scale(sc))  # beside the unscaled set, not over it
+    if eps_scale:
+        name += "_es{:g}_{:g}".format(*eps_scale)  # beside the unscaled set, not over it
     stem = os.path.join(out_dir, f"{name}_step{step:08d}")
     if jax.process_index() == 0:
         buffer = io.BytesIO()

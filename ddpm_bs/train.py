@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import shutil
@@ -332,6 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         checkpoints written before it are kept, and none is written after it.
     """
     validate.validate_config(config, num_devices=jax.device_count(), mode="train")
+    with _input_problems():  # a writer the config asks for but the install lacks
+        metric_log.check_writers(config)
     with _input_problems():  # locating t_δ reads the user's data
         located = locate_if_needed(config, workdir)
     trainer = Trainer(config, interval=located)
@@ -347,7 +348,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         )
     check_workdir(workdir, trainer.abstract_state)
     with _input_problems():  # a workdir holding another model's checkpoint
-        ckpt = checkpointing.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+        ckpt = checkpointing.Checkpoints(
+            workdir, keep=config.train.keep_checkpoints, keep_period=config.train.keep_period
+        )
         if ckpt.latest_step() is not None:
             state, data_state = ckpt.restore(trainer.abstract_state)
             loader.set_state(data_state)
@@ -358,11 +361,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     is_main = jax.process_index() == 0
     num_steps = config.train.num_steps
     # clu imports TensorFlow (seconds on a small CPU): only once the run is known to be good.
-    writer, report = metric_log.open_writers(workdir, is_main=is_main, num_steps=num_steps)
+    writer, report = metric_log.open_writers(
+        workdir, is_main=is_main, num_steps=num_steps, wandb_project=config.train.wandb_project
+    )
     _save_config(config, workdir)
     if state is None:
         state = trainer.init()
-        writer.write_hparams(_flat_hparams(config))
+        writer.write_hparams(metric_log.flat_hparams(config))
     start = int(state.step)
     tc = config.train
     pending = None  # (step, metrics) of the previous step, fetched after the next is dispatched.
@@ -532,20 +537,3 @@ def _save_config(config, workdir):
     path = os.path.join(workdir, "config.json")
     if jax.process_index() == 0 and not epath.Path(path).exists():
         artifacts.write_bytes(config.to_json_best_effort(indent=2).encode(), path)
-
-
-def _flat_hparams(config) -> dict[str, Any]:
-    flat = {}
-
-    def walk(prefix, node):
-        for k, v in node.items():
-            name = f"{prefix}{k}"
-            if isinstance(v, ml_collections.ConfigDict):
-                walk(name + ".", v)
-            elif isinstance(v, (int, float, str, bool)):
-                flat[name] = v
-            else:
-                flat[name] = json.dumps(v) if v is not None else "None"
-
-    walk("", config)
-    return flat

@@ -147,7 +147,7 @@ run "${tpu[@]}" scp "$tarball" "$name":ddpm_bs.tar.gz "${gcloud_flags[@]}" --wor
 # shellcheck disable=SC2016  # these run on the workers, and expand there
 stop_previous='pid=$(cat ~/ddpm_bs.pid 2>/dev/null || true); if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill "$pid"; for _ in $(seq 180); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done; kill -9 "$pid" 2>/dev/null || true; fi'
 unpack='rm -rf ~/ddpm_bs && mkdir ~/ddpm_bs && tar -xzf ~/ddpm_bs.tar.gz -C ~/ddpm_bs'
-install="python3 -m pip install --user --quiet --upgrade uv && ~/.local/bin/uv venv --quiet --allow-existing --python $(quote "$python") ~/ddpm_bs_venv && ~/.local/bin/uv pip install --quiet --python ~/ddpm_bs_venv/bin/python -e ~/ddpm_bs \"jax[tpu]\""
+install="python3 -m pip install --user --quiet --upgrade uv && ~/.local/bin/uv venv --quiet --allow-existing --python $(quote "$python") ~/ddpm_bs_venv && ~/.local/bin/uv pip install --quiet --python ~/ddpm_bs_venv/bin/python -e ~/ddpm_bs\"[gcs]\" \"jax[tpu]\""
 run "${tpu[@]}" ssh "$name" "${gcloud_flags[@]}" --worker=all --command="set -eu; $stop_previous; $unpack && $install"
 if [[ -n $setup ]]; then
   run "${tpu[@]}" ssh "$name" "${gcloud_flags[@]}" --worker=all --command="$setup"

@@ -108,7 +108,7 @@ def test_sample_mode_writes_reproducible_images_in_local_and_remote_workdirs(
     with pytest.raises(FileNotFoundError, match="gs://bucket/run has no checkpoints/"):
         generate.run_sample(config, "gs://bucket/run")
     restore = generate.restore_ema_params
-    monkeypatch.setattr(generate, "restore_ema_params", lambda t, _: restore(t, str(local)))
+    monkeypatch.setattr(generate, "restore_ema_params", lambda c, _, *a: restore(c, str(local), *a))
     remote = "gs://bucket/run/samples/dpm_solver++3_step00000002.npz"
     assert generate.run_sample(config, "gs://bucket/run") == remote
     stored = fake_gcs / "bucket" / "run"

@@ -194,7 +194,7 @@ def test_command_line_writes_a_step_zero_checkpoint_holding_the_params_as_ema(tm
     argv = ["--pt", str(tmp_path / "model.npz"), "--flags", flags, "--workdir", workdir]
     guided_diffusion.main([*argv, "--config", str(ROOT / "configs" / "smoke.py")])
 
-    ema, step = generate.restore_ema_params(trainer, workdir)
+    ema, step = generate.restore_ema_params(config, workdir)
     assert step == 0
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(ema), params)
     with pytest.raises(ValueError, match="already holds a checkpoint"):
