@@ -425,10 +425,12 @@ def write_checkpoint(config: Any, workdir: str, params: Any) -> int:
       ValueError: `params` do not fit the config's model (the first differing array named),
         or the workdir already holds a checkpoint (nothing is overwritten).
     """
-    from ddpm_bs import checkpointing, train
+    from ddpm_bs import checkpointing, state
 
-    trainer = train.Trainer(config)
-    want = {k: tuple(v.shape) for k, v in _flat(trainer.abstract_state.params).items()}
+    init_fn = state.build(config).init_fn()
+    init_key = state.run_keys(config.seed).init
+    abstract, shardings = state.abstract_state(init_fn, init_key, state.build_mesh(config))
+    want = {k: tuple(v.shape) for k, v in _flat(abstract.params).items()}
     got = {k: tuple(np.shape(v)) for k, v in _flat(params).items()}
     if want != got:
         diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
@@ -444,10 +446,10 @@ def write_checkpoint(config: Any, workdir: str, params: Any) -> int:
                 f"--workdir={workdir} already holds a checkpoint (step {ckpt.latest_step()}); "
                 "choose an empty --workdir"
             )
-        state = trainer.init()
-        params = jax.device_put(params, trainer.state_sharding.params)
-        state = state.replace(params=params, ema_params=(params,) * len(state.ema_params))
-        ckpt.save(0, state, {"step": 0})
+        fresh = jax.jit(init_fn, out_shardings=shardings)(init_key)
+        params = jax.device_put(params, shardings.params)
+        fresh = fresh.replace(params=params, ema_params=(params,) * len(fresh.ema_params))
+        ckpt.save(0, fresh, {"step": 0})
         ckpt.wait()
     finally:
         ckpt.close()
