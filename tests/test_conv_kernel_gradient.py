@@ -40,8 +40,9 @@ def _numpy_conv3x3_and_grads(x, k, g):
 
 def test_the_3x3_conv_and_its_gradients_match_the_closed_form():
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 6, 5, 4)).astype(np.float32)  # H ≠ W: a swapped tap fails
-    g = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
+    # H ≠ W, so a swapped tap fails; H·W ≥ MIN_TAPS_PIXELS, so the per-tap path runs.
+    x = rng.standard_normal((2, 32, 33, 4)).astype(np.float32)
+    g = rng.standard_normal((2, 32, 33, 3)).astype(np.float32)
     conv = _conv(layers.conv_general_dilated, 3, padding=((1, 1), (1, 1)), use_bias=False)
     params = conv.init(jax.random.key(0), x)
     k = np.asarray(params["params"]["kernel"])
@@ -64,6 +65,7 @@ def test_the_3x3_conv_and_its_gradients_match_the_closed_form():
 @pytest.mark.parametrize(
     "kwargs",
     [
+        {"padding": ((1, 1), (1, 1))},  # on an 8x8 map: under MIN_TAPS_PIXELS
         {"padding": ((1, 1), (1, 1)), "strides": (2, 2)},
         {"padding": "VALID"},
         {"padding": ((1, 1), (1, 1)), "kernel_dilation": (2, 2)},

@@ -82,6 +82,10 @@ def group_norm(x: jax.Array, *, name: str, dtype: Dtype, param_dtype: Dtype) -> 
 
 # The dimension numbers flax's nn.Conv passes for NHWC inputs and HWIO kernels.
 _NHWC = ("NHWC", "HWIO", "NHWC")
+# Smallest H·W whose 3x3 kernel gradient takes the per-tap contractions on XLA:CPU. Measured
+# (2-core CPU, issue 21): at 32x32 they beat XLA's convolution ~4x; at 8x8 (the digits model)
+# they made the whole step ~1.6x slower, so smaller maps keep XLA's convolution.
+MIN_TAPS_PIXELS = 32 * 32
 
 
 def conv_general_dilated(
@@ -97,12 +101,13 @@ def conv_general_dilated(
 ):
     """`lax.conv_general_dilated`, with a faster kernel gradient for 3x3 convs on XLA:CPU.
 
-    XLA:CPU lowers the kernel gradient of an unstrided, padded 3x3 NHWC convolution ~10x
-    slower than its forward at 32x32 (the convolution it emits contracts over batch and
+    XLA:CPU lowers the kernel gradient of an unstrided, padded 3x3 NHWC convolution on a
+    32x32 map ~10x slower than its forward (the convolution it emits contracts over batch and
     space); here that gradient is nine [C, B·H·W] @ [B·H·W, O] contractions, one per tap,
-    which XLA:CPU runs at matmul speed. The forward and input gradient stay XLA's convolutions, and
-    every other backend and convolution takes `lax.conv_general_dilated` unchanged. Pass it as
-    nn.Conv's `conv_general_dilated`: the parameters are nn.Conv's.
+    which XLA:CPU runs at matmul speed; maps under MIN_TAPS_PIXELS keep XLA's. The forward and
+    input gradient stay XLA's convolutions, and every other backend and convolution takes
+    `lax.conv_general_dilated` unchanged. Pass it as nn.Conv's `conv_general_dilated`: the
+    parameters are nn.Conv's.
     """
     plain = functools.partial(
         jax.lax.conv_general_dilated,
@@ -118,6 +123,8 @@ def conv_general_dilated(
     if (
         jax.default_backend() != "cpu"
         or rhs.shape[:2] != (3, 3)
+        or lhs.ndim != 4
+        or lhs.shape[1] * lhs.shape[2] < MIN_TAPS_PIXELS
         or tuple(window_strides) != (1, 1)
         or [tuple(p) for p in padding] != [(1, 1), (1, 1)]
         or any(d is not None and tuple(d) != (1, 1) for d in (lhs_dilation, rhs_dilation))
