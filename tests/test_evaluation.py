@@ -30,7 +30,7 @@ def _fid_sqrtm_reference(mu1, sigma1, mu2, sigma2):
 
 @pytest.fixture(scope="module")
 def digits():
-    images, labels = evaluation._digits_dataset()
+    images, labels = evaluation.digits._digits_dataset()
     return images, labels
 
 
@@ -172,7 +172,7 @@ def test_digits_fid_orderings(digits, caplog):
     order = rng.permutation(len(images))
     half = len(images) // 2
     first, second = images[order[:half]], images[order[half:]]
-    with caplog.at_level(logging.WARNING, logger=evaluation.__name__):
+    with caplog.at_level(logging.WARNING, logger=evaluation.frechet.__name__):
         split_fid = evaluation.digits_fid(
             first, reference=evaluation.statistics(evaluation.digits_features(second))
         )
@@ -256,7 +256,7 @@ def test_parse_metrics_reads_comma_lists_and_names_the_field():
 def test_streamed_moments_match_statistics():
     rng = np.random.default_rng(7)
     feats = rng.normal(size=(50, 6)) * [1, 2, 3, 1, 1, 1] + 1e3  # a large offset
-    moments = evaluation._Moments()
+    moments = evaluation.metrics._Moments()
     for start in range(0, 50, 16):
         moments.add(feats[start : start + 16].astype(np.float32))
     mu, sigma = moments.result()
@@ -285,10 +285,10 @@ def test_reference_files_guided_diffusion_batches_and_their_errors(tmp_path):
     no_spatial = tmp_path / "no_spatial.npz"
     evaluation.save_statistics(no_spatial, stats.mu, stats.sigma)
     with pytest.raises(ValueError, match="no 'mu_s'/'sigma_s'.*--reference_stats"):
-        evaluation._check_reference_dims(evaluation.load_reference(no_spatial), ["sfid"], "ref")
+        evaluation.metrics._check_reference_dims(evaluation.load_reference(no_spatial), ["sfid"], "ref")
     digits_stats = evaluation.ReferenceStats(np.zeros(128), np.eye(128))
     with pytest.raises(ValueError, match=r"pool3 statistics \[2048\]"):
-        evaluation._check_reference_dims(digits_stats, ["fid"], "ref")
+        evaluation.metrics._check_reference_dims(digits_stats, ["fid"], "ref")
     images_only = tmp_path / "images_only.npz"
     np.savez(images_only, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(FileNotFoundError, match="only images.*sample.inception_weights"):

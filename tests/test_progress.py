@@ -123,7 +123,7 @@ def test_inception_features_in_pieces_equal_one_pass(monkeypatch, caplog, n, las
         return {"pool3": flat[:, :2], "spatial": flat[:, 2:5], "logits": flat[:, :1]}
 
     monkeypatch.setattr(inception, "features", features)
-    monkeypatch.setattr(evaluation, "PROGRESS_BATCHES", 16)
+    monkeypatch.setattr(evaluation.metrics, "PROGRESS_BATCHES", 16)
     images = np.random.default_rng(0).integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
     caplog.set_level(logging.INFO)
     pieces = evaluation.inception_features(images, None, batch_size=4, progress_name="feats")
