@@ -11,7 +11,7 @@ batch-sharded (ZeRO-3 / FSDP).
 
 Devices are laid out by `jax.make_mesh` (topology-aware on TPU) as long as each process's
 devices hold a contiguous block of the batch, else process-major (`jax.devices()` order), so
-each process reads only its own rows (data.py).
+each process reads only its own rows (ddpm_bs.data).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = Non
 
     `jax.make_mesh` follows the TPU interconnect's topology (elsewhere, the device order). The
     process-major order (`jax.devices()` sorted by process) is used instead where that layout
-    would not give each process one contiguous block of the batch, which `data.py` reads, or
+    would not give each process one contiguous block of the batch, which `ddpm_bs.data` reads, or
     where `jax.make_mesh` refuses the devices (multi-slice TPU). Axes are `AxisType.Auto`,
     as `Mesh(...)` makes them (`jax.make_mesh` defaults to Explicit ones).
     """

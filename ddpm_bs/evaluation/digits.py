@@ -31,7 +31,7 @@ DIGITS_FEATURES_PATH = (
 )
 DIGITS_SIZE = 8  # digits-FID compares images at 8×8, one channel
 NUM_DIGITS = 1797  # scikit-learn's digits: the reference set of digits_fid
-_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L") and data.py use
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L") and ddpm_bs.data use
 _PARAMS_PREFIX = "params/"
 
 
