@@ -118,18 +118,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.grad_accum_steps = 1  # Micro-batches per step (the batch is split, gradients summed).
     c.train.num_steps = 500_000  # Training steps.
     c.train.ema_rates = (0.9999,)  # EMA decay rates; the first one is used for samples.
+    # Periodic work (metric writes, checkpoints, sample grids, evaluations) happens every N
+    # steps and at the last step; N = 0 turns it off (train.itstime). A stop by SIGTERM still
+    # writes a checkpoint.
     c.train.log_every = 100  # Steps between metric writes.
-    c.train.checkpoint_every = 10_000  # Steps between checkpoints (and at the end).
+    c.train.checkpoint_every = 10_000  # Steps between checkpoints.
     c.train.keep_checkpoints = 3  # Checkpoints kept in the workdir.
     # Steps between checkpoints kept for good beside the newest keep_checkpoints (0: none), for
     # FID-vs-iterations curves; use a multiple of checkpoint_every.
     c.train.keep_period = 0
-    c.train.sample_every = 10_000  # Steps between sample grids (0 disables; also at the end).
+    c.train.sample_every = 10_000  # Steps between sample grids.
     c.train.num_samples = 64  # Images in each sample grid.
-    c.train.sample_steps = 100  # DDIM steps for the sample grids.
-    # Steps between evaluations (0 disables; also at the end when on): train.eval_samples DDIM
-    # samples from the first EMA, scored with sample.metric (and its weights/reference files),
-    # written as eval/<metric> beside the training metrics.
+    # Model evaluations of the grids and evaluations, drawn with sample.method and its options
+    # (the same sharded path as mode=sample).
+    c.train.sample_steps = 100
+    # Steps between evaluations: train.eval_samples samples from the first EMA, scored with
+    # sample.metric (and its weights/reference files), written as eval/<metric> beside the
+    # training metrics.
     c.train.eval_every = 0
     c.train.eval_samples = 1797  # Samples per evaluation (the paper's FID protocol: 50,000).
     # A step whose loss or gradient is not finite is never applied. 'skip': count it (metric
