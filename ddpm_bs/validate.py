@@ -35,6 +35,8 @@ MESH_RULES: dict[str, fields.Check] = {
     "data": fields.integer(1, or_minus_one=True),
     "fsdp": fields.integer(1, or_minus_one=True),
 }
+
+
 def metric_names(value: Any) -> list[str] | None:
     """sample.metric as a list of names: one name, a comma-separated string, or a tuple."""
     if isinstance(value, str):

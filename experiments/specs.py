@@ -27,7 +27,6 @@ from typing import Any
 import ml_collections
 
 from configs import digits
-from ddpm_bs import timesteps
 
 UNIFORM = {"timesteps.sampler": "uniform"}
 BS = {"timesteps.sampler": "bernoulli", "timesteps.p": 0.8, "timesteps.t_delta": 800}
@@ -309,11 +308,19 @@ def timestep_samplers(size: Size) -> list[Run]:
 # (median; 95 % by step ~425, Poisson estimate), so the law is loss-aware for the last 80 % of
 # the run. (The first `timestep_samplers` run, 500 steps, was uniform for most of its length.)
 LOSS_AWARE_HISTORY = 10
-_LAWS = {
+LAWS = {
     "uniform": UNIFORM,
     "bs": BS,  # the paper's p = 0.8, t_δ = 800: uniform but at t_δ (REPORT.md)
     # p = 0.9 on the located t_δ: differs from uniform by |p − t_δ/T| in total variation.
     "bs_p0.9_auto": {**BS, "timesteps.p": 0.9, "timesteps.t_delta": "auto"},
+    # Both located: t_δ where W₂ falls below δ·W₂(0), and p = the share of the W₂ curve's mass
+    # below t_δ (timesteps.p='auto'), which always exceeds t_δ/T, so the law favours {1..t_δ}.
+    "bs_auto": {
+        **BS,
+        "timesteps.p": "auto",
+        "timesteps.t_delta": "auto",
+        "timesteps.decay_rate": "auto",
+    },
     "logit_normal": {"timesteps.sampler": "logit_normal"},  # SD3's, mean 0, std 1
     "lognormal": {"timesteps.sampler": "lognormal"},  # EDM's σ law on the DDPM grid
     "loss_aware": {"timesteps.sampler": "loss_aware", "timesteps.history": LOSS_AWARE_HISTORY},
@@ -323,8 +330,7 @@ _LAWS = {
     "ot_gap": {"timesteps.sampler": "ot_gap"},
     "ot_rate": {"timesteps.sampler": "ot_rate"},
 }
-# Only the laws ddpm_bs.timesteps has (the OT-derived ones arrive in their own change).
-LAWS = {name: s for name, s in _LAWS.items() if s["timesteps.sampler"] in timesteps.SAMPLERS}
+
 # The law `laws_weighted` combines with the weightings, unless the sweep names another
 # (--law): the best of the first pass of `laws`. Until that pass has run, logit-normal, the
 # only law that moved digits-FID in `timestep_samplers` (one seed, 500 steps).

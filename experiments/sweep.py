@@ -160,7 +160,7 @@ def _say(message: str) -> None:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def results_path(out: pathlib.Path, experiment: str) -> pathlib.Path:

@@ -285,7 +285,9 @@ def test_reference_files_guided_diffusion_batches_and_their_errors(tmp_path):
     no_spatial = tmp_path / "no_spatial.npz"
     evaluation.save_statistics(no_spatial, stats.mu, stats.sigma)
     with pytest.raises(ValueError, match="no 'mu_s'/'sigma_s'.*--reference_stats"):
-        evaluation.metrics._check_reference_dims(evaluation.load_reference(no_spatial), ["sfid"], "ref")
+        evaluation.metrics._check_reference_dims(
+            evaluation.load_reference(no_spatial), ["sfid"], "ref"
+        )
     digits_stats = evaluation.ReferenceStats(np.zeros(128), np.eye(128))
     with pytest.raises(ValueError, match=r"pool3 statistics \[2048\]"):
         evaluation.metrics._check_reference_dims(digits_stats, ["fid"], "ref")
