@@ -1,6 +1,7 @@
 """The optimiser: AdamW with a linear warm-up, then a constant rate (ADM), and global-norm clipping.
 
-    tx, lr_schedule = optim.build(optim.OptimSpec.from_config(config.optim))
+`optim.build(optim.OptimSpec.from_config(config.optim))` returns the optax transformation and its
+learning-rate schedule.
 """
 
 from __future__ import annotations
