@@ -127,6 +127,33 @@ def read(
     return values
 
 
+def check_known(config: Any, sections: Mapping[str, Callable[[], Any] | None]) -> None:
+    """Refuses a top-level key or a section field that no spec reads.
+
+    Args:
+      config: the whole config.
+      sections: {top-level name: a function giving the section's field names}, or None for a
+        top-level field (such as 'seed').
+    """
+    for key in config.keys():
+        if key not in sections:
+            unknown(key, config[key], sorted(sections))
+    for section, names in sections.items():
+        node = config.get(section) if names is not None else None
+        if node is None:
+            continue
+        if not is_section(node):
+            raise ConfigError(
+                f"{section}={node!r}: must be a section (a ConfigDict of fields); start from "
+                "configs/default.py's get_config(), which defines every section.",
+                section,
+            )
+        known = names()
+        for key in node.keys():
+            if key not in known:
+                unknown(f"{section}.{key}", node[key], [f"{section}.{n}" for n in known])
+
+
 def unknown(path: str, value: Any, known: list[str]) -> NoReturn:
     close = difflib.get_close_matches(path, known, n=1)
     hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(sorted(known))}"

@@ -16,17 +16,58 @@ each process reads only its own rows (ddpm_bs.data).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ddpm_bs import fields
+
 AXES = ("data", "fsdp")
 MIN_SHARDED_SIZE = 1 << 14  # elements (64 KiB in float32); smaller arrays are replicated
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """The `mesh` config section: devices on the `data` and `fsdp` axes (−1: all the other leaves)."""
+
+    data: int = -1
+    fsdp: int = 1
+
+    RULES: ClassVar[dict[str, fields.Check]] = {
+        "data": fields.integer(1, or_minus_one=True),
+        "fsdp": fields.integer(1, or_minus_one=True),
+    }
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> MeshSpec:
+        spec = cls(**fields.read(cfg, "mesh", cls.RULES, optional=("fsdp",)))
+        if spec.data == -1 and spec.fsdp == -1:
+            fields.fail("mesh.fsdp", -1, "mesh.data and mesh.fsdp are both -1", "set one to a size")
+        return spec
+
+    def shape(self, num_devices: int) -> tuple[int, int]:
+        """(data, fsdp) resolved on `num_devices`, checked to fit them; ConfigError otherwise."""
+        try:
+            data, fsdp = mesh_shape(self.data, self.fsdp, num_devices)
+        except ValueError as e:
+            path = "mesh.fsdp" if "mesh.fsdp" in str(e) else "mesh.data"
+            raise fields.ConfigError(str(e), path) from None
+        if num_devices % (data * fsdp):  # both explicit: a prefix of the devices
+            divisors = ", ".join(str(d) for d in range(1, num_devices + 1) if num_devices % d == 0)
+            fields.fail(
+                "mesh.fsdp",
+                self.fsdp,
+                f"mesh.data={self.data} × mesh.fsdp={self.fsdp} = {data * fsdp} must divide the "
+                f"{num_devices} devices: one of {divisors}",
+                "change mesh.data or mesh.fsdp, or set one of them to -1",
+            )
+        return data, fsdp
 
 
 def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:

@@ -6,8 +6,8 @@ Each section is read by the object built from it, which checks its own fields an
 (`fields.read`): `data` by `data.DataSpec`, `model` by `models.spec.ModelSpec`, `diffusion` by
 `schedules.from_config`, `timesteps` by `timesteps.from_config`, `loss` by `losses.LossSpec`,
 `optim` by `optim.OptimSpec`, `train` by `state.TrainSpec`, `interval` by
-`interval.IntervalSpec`, `sample` by `sampling.SampleSpec` (its metric fields by `METRIC_RULES`
-here) and `mesh` by `MESH_RULES`. Unknown fields fail in every section, so a typo in a config file
+`interval.IntervalSpec`, `sample` by `sampling.SampleSpec` (its metric fields by
+`evaluation.MetricSpec`) and `mesh` by `sharding.MeshSpec`. Unknown fields fail in every section, so a typo in a config file
 fails as one on the command line does. What stays here spans sections: the batch over the mesh,
 the classes over the data, the steps over T, the metrics over their files.
 
@@ -31,38 +31,6 @@ __all__ = ["ConfigError", "MODES", "SECTION_FIELDS", "validate_config"]
 MODES = ("train", "sample", "eval", "locate", "geometry")
 SEED_MAX = 2**32 - 1  # jax.random.key keeps 32 bits without x64: 2**32 would collide with 0
 
-MESH_RULES: dict[str, fields.Check] = {
-    "data": fields.integer(1, or_minus_one=True),
-    "fsdp": fields.integer(1, or_minus_one=True),
-}
-
-
-def metric_names(value: Any) -> list[str] | None:
-    """sample.metric as a list of names: one name, a comma-separated string, or a tuple."""
-    if isinstance(value, str):
-        names = [name.strip() for name in value.split(",")]
-    elif isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value):
-        names = [name.strip() for name in value]
-    else:
-        return None
-    return names if names and all(names) else None
-
-
-def _metric(value: Any) -> str | None:
-    names = metric_names(value)
-    if names is not None and all(name in evaluation.METRICS for name in names):
-        return None
-    return (
-        f"must be one of {fields.listing(evaluation.METRICS)}, or a comma-separated list of them "
-        "(e.g. 'digits_fid')"
-    )
-
-
-METRIC_RULES: dict[str, fields.Check] = {
-    "metric": _metric,
-    "inception_weights": fields.path,
-    "reference_stats": fields.path,
-}
 # The image a model is built for (sampling and geometry need it without the data source).
 IMAGE_RULES: dict[str, fields.Check] = {
     "image_size": fields.integer(1),
@@ -87,8 +55,8 @@ SECTION_FIELDS: dict[str, Callable[[], tuple[str, ...]]] = {
     "optim": lambda: tuple(optim.OptimSpec.RULES),
     "train": lambda: tuple(state.TrainSpec.RULES),
     "interval": _interval_fields,
-    "sample": lambda: (*sampling.SampleSpec.RULES, *METRIC_RULES),
-    "mesh": lambda: tuple(MESH_RULES),
+    "sample": lambda: (*sampling.SampleSpec.RULES, *evaluation.MetricSpec.RULES),
+    "mesh": lambda: tuple(sharding.MeshSpec.RULES),
 }
 
 
@@ -105,7 +73,7 @@ def validate_config(config: Any, *, num_devices: int | None = None, mode: str = 
         raise ValueError(f"mode={mode!r} is unknown; valid modes: {', '.join(MODES)}.")
     if num_devices is not None and (not fields.is_int(num_devices) or num_devices < 1):
         raise ValueError(f"num_devices must be None or an integer ≥ 1, got {num_devices!r}.")
-    _check_unknown_fields(config)
+    fields.check_known(config, {"seed": None, **SECTION_FIELDS})
     problem = fields.integer(0, SEED_MAX)(lookup(config, "seed"))
     if problem:
         fail("seed", lookup(config, "seed"), problem)
@@ -181,44 +149,10 @@ def _check_sampling(config: Any, cfg: Any) -> None:
             f"must be an integer in [{low}, diffusion.num_timesteps={num_timesteps}] for "
             f"sample.method={spec.method!r}",
         )
-    k, b = spec.eps_scale_k, spec.eps_scale_b
-    if spec.eps_scale and (b <= 0 or k * (spec.steps - 1) + b <= 0):
-        # Epsilon Scaling divides ε̂ by λ_i = k·i + b, i = 0 … steps − 1: it must stay > 0.
-        path, value = ("sample.eps_scale_b", b) if b <= 0 else ("sample.eps_scale_k", k)
-        fail(
-            path,
-            value,
-            f"Epsilon Scaling divides ε̂ by k·i + b, which must stay > 0 for i in "
-            f"[0, sample.steps-1={spec.steps - 1}] (k={k}, b={b})",
-            "use b > 0 with k ≥ -b/(steps-1) (ADM-ES: k=0, b=1.017; (0, 1) is off)",
-        )
 
 
 def _check_metric(config: Any) -> None:
-    values = fields.read(
-        config.get("sample"),
-        "sample",
-        METRIC_RULES,
-        optional=("inception_weights", "reference_stats"),
-        others=tuple(sampling.SampleSpec.RULES),
-    )
-    names = metric_names(values["metric"])
-    # Inception metrics need converted weights and, for FID/sFID, reference statistics;
-    # nothing is downloaded.
-    needs = (
-        ("inception_weights", evaluation.INCEPTION_METRICS),
-        ("reference_stats", evaluation.REFERENCE_METRICS),
-    )
-    for field, metrics in needs:
-        wanting = [name for name in names if name in metrics]
-        if wanting and not values.get(field):
-            fail(
-                f"sample.{field}",
-                values.get(field),
-                f"sample.metric={', '.join(wanting)} needs it (a path to an .npz)",
-                f"set --config.sample.{field}=<file.npz> (see ddpm_bs.evaluation), or choose "
-                "sample.metric=digits_fid",
-            )
+    evaluation.MetricSpec.from_config(config.get("sample"), others=tuple(sampling.SampleSpec.RULES))
 
 
 def _check_interval(config: Any) -> None:
@@ -228,60 +162,23 @@ def _check_interval(config: Any) -> None:
 
 
 def _check_mesh(config: Any, num_devices: int | None, batch_size=None, accum=1) -> None:
-    """mesh.data × mesh.fsdp over the devices, and the global batch over both × micro-batches."""
-    mesh = fields.read(config.get("mesh"), "mesh", MESH_RULES, optional=("fsdp",))
-    data_axis, fsdp = mesh["data"], mesh.get("fsdp", 1)  # absent: a data-only mesh
+    """The mesh over the devices, and the global batch over its data × fsdp shards × micro-batches."""
+    mesh = sharding.MeshSpec.from_config(config.get("mesh"))
     if num_devices is None:
-        if data_axis == -1 and fsdp == -1:
-            fail("mesh.fsdp", -1, "mesh.data and mesh.fsdp are both -1", "set one to a size")
         return
-    try:
-        data_axis, fsdp = sharding.mesh_shape(data_axis, fsdp, num_devices)
-    except ValueError as e:
-        raise ConfigError(str(e), "mesh.fsdp" if "mesh.fsdp" in str(e) else "mesh.data") from None
-    shards = data_axis * fsdp
-    if num_devices % shards:  # both explicit: a prefix of the devices, split unevenly by host
-        divisors = ", ".join(str(d) for d in range(1, num_devices + 1) if num_devices % d == 0)
-        fail(
-            "mesh.fsdp",
-            mesh.get("fsdp", 1),
-            f"mesh.data={mesh['data']} × mesh.fsdp={mesh.get('fsdp', 1)} = {shards} must divide "
-            f"the {num_devices} devices: one of {divisors}",
-            "change mesh.data or mesh.fsdp, or set one of them to -1",
-        )
-    step = shards * accum
+    data_axis, fsdp = mesh.shape(num_devices)
+    step = data_axis * fsdp * accum
     if batch_size is not None and batch_size % step:
         below = batch_size // step * step
         examples = " or ".join(str(v) for v in (below, below + step) if v > 0)
         fail(
             "train.batch_size",
             batch_size,
-            f"must be divisible by the {shards} devices the batch is split over (mesh.data "
-            f"× mesh.fsdp = {data_axis} × {fsdp} on num_devices={num_devices}) × "
+            f"must be divisible by the {data_axis * fsdp} devices the batch is split over "
+            f"(mesh.data × mesh.fsdp = {data_axis} × {fsdp} on num_devices={num_devices}) × "
             f"train.grad_accum_steps={accum} = {step}",
             f"use a multiple of {step}, e.g. {examples}",
         )
-
-
-def _check_unknown_fields(config: Any) -> None:
-    top_level = ["seed", *SECTION_FIELDS]
-    for key in config.keys():
-        if key not in top_level:
-            fields.unknown(key, config[key], sorted(top_level))
-    for section, names in SECTION_FIELDS.items():
-        node = config.get(section)
-        if node is None:
-            continue
-        if not fields.is_section(node):
-            raise ConfigError(
-                f"{section}={node!r}: must be a section (a ConfigDict of fields); start from "
-                "configs/default.py's get_config(), which defines every section.",
-                section,
-            )
-        known = names()
-        for key in node.keys():
-            if key not in known:
-                fields.unknown(f"{section}.{key}", node[key], [f"{section}.{n}" for n in known])
 
 
 def _wrap_spec_error(build: Callable[[], Any], section: str) -> None:

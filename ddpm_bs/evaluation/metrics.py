@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import itertools
@@ -9,13 +10,13 @@ import logging
 import os
 import pathlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import numpy as np
 from etils import epath
 
-from ddpm_bs import data, inception, progress
+from ddpm_bs import data, fields, inception, progress
 from ddpm_bs.evaluation.digits import digits_fid
 from ddpm_bs.evaluation.frechet import (
     _check_stats,
@@ -476,3 +477,67 @@ def evaluate_samples(
         reference=reference,
         batch_size=batch_size,
     )
+
+
+def metric_names(value: Any) -> list[str] | None:
+    """sample.metric as a list of names: one name, a comma-separated string, or a tuple."""
+    if isinstance(value, str):
+        names = [name.strip() for name in value.split(",")]
+    elif isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value):
+        names = [name.strip() for name in value]
+    else:
+        return None
+    return names if names and all(names) else None
+
+
+def _metric_field(value: Any) -> str | None:
+    names = metric_names(value)
+    if names is not None and all(name in METRICS for name in names):
+        return None
+    return (
+        f"must be one of {fields.listing(METRICS)}, or a comma-separated list of them "
+        "(e.g. 'digits_fid')"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricSpec:
+    """The `sample` section's metric fields: what mode=eval and in-training evaluation score."""
+
+    metric: str = "digits_fid"
+    inception_weights: str | None = None
+    reference_stats: str | None = None
+
+    RULES: ClassVar[dict[str, fields.Check]] = {
+        "metric": _metric_field,
+        "inception_weights": fields.path,
+        "reference_stats": fields.path,
+    }
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, others: tuple[str, ...] = ()) -> MetricSpec:
+        """Reads and checks the fields; `others` are the section's fields another spec reads.
+
+        The Inception metrics need converted weights and, for FID/sFID, reference statistics
+        (nothing is downloaded): a metric without its file fails here, naming the field.
+        """
+        values = fields.read(
+            cfg,
+            "sample",
+            cls.RULES,
+            optional=("inception_weights", "reference_stats"),
+            others=others,
+        )
+        names = metric_names(values["metric"])
+        needs = (("inception_weights", INCEPTION_METRICS), ("reference_stats", REFERENCE_METRICS))
+        for field, metrics in needs:
+            wanting = [name for name in names if name in metrics]
+            if wanting and not values.get(field):
+                fields.fail(
+                    f"sample.{field}",
+                    values.get(field),
+                    f"sample.metric={', '.join(wanting)} needs it (a path to an .npz)",
+                    f"set --config.sample.{field}=<file.npz> (see ddpm_bs.evaluation), or choose "
+                    "sample.metric=digits_fid",
+                )
+        return cls(**values)

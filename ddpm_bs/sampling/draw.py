@@ -139,7 +139,19 @@ class SampleSpec:
 
     @classmethod
     def from_config(cls, cfg) -> SampleSpec:
-        return cls(**fields.read(cfg, "sample", cls.RULES, others=cls.OTHERS))
+        spec = cls(**fields.read(cfg, "sample", cls.RULES, others=cls.OTHERS))
+        k, b, steps = spec.eps_scale_k, spec.eps_scale_b, spec.steps
+        if spec.eps_scale and (b <= 0 or k * (steps - 1) + b <= 0):
+            # Epsilon Scaling divides ε̂ by λ_i = k·i + b, i = 0 … steps − 1: it must stay > 0.
+            path, value = ("sample.eps_scale_b", b) if b <= 0 else ("sample.eps_scale_k", k)
+            fields.fail(
+                path,
+                value,
+                f"Epsilon Scaling divides ε̂ by k·i + b, which must stay > 0 for i in "
+                f"[0, sample.steps-1={steps - 1}] (k={k}, b={b})",
+                "use b > 0 with k ≥ -b/(steps-1) (ADM-ES: k=0, b=1.017; (0, 1) is off)",
+            )
+        return spec
 
     def replace(self, **changes) -> SampleSpec:
         return dataclasses.replace(self, **changes)
